@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from ..shapeworld.render import shape_coverage
 from ..shapeworld.world import BACKGROUNDS, COLORS, SHAPES, TEXT_INK, Scene, ShapeObject, TextObject, scale
-from .ocr import read_word
+from .ocr import BLUR_LEVELS, read_word
 
 INKS = tuple(COLORS) + tuple(TEXT_INK)
 INK_RGB = np.asarray([COLORS[c] for c in COLORS] + [TEXT_INK[c] for c in TEXT_INK], np.float32)
@@ -47,7 +47,9 @@ AREA_FRACTION["star"] = _star_area_fraction()
 class ParserConfig:
     """Thresholds of the scene parser, in px at S = 64 where they are lengths or areas."""
 
-    alpha_threshold: float = 0.5  # coverage above which a pixel is foreground
+    alpha_threshold: float = 0.5  # a blob needs a pixel this covered (the 50% edge stays put under blur)
+    grow_threshold: float = 0.3  # blobs extend over pixels this covered, so blurred letter strokes stay whole
+    min_shape_peak: float = 0.85  # shapes (s >= 10 px) keep a solid core under blur; thin strokes do not
     min_ink_distance: float = 60.0  # inks closer than this to the background (RGB distance) are not considered
     min_object_mass: float = 18.0  # smaller colored blobs are specks (the smallest shape, a star of s=10, has 33)
     min_text_height: float = 5.0  # black/white blobs shorter than this are specks (capitals are 10-14)
@@ -56,6 +58,12 @@ class ParserConfig:
     max_text_height: float = 18.0  # colored misfits taller than this stay (badly drawn) objects
     split_fraction: float = 0.2  # a second color holding this share of a blob splits it
     border: int = 2  # border width (px, canvas) used to measure the background
+
+
+def _extent(mask: np.ndarray, axis: int) -> tuple[int, int]:
+    """First and one-past-last row (axis=1) or column (axis=0) holding a pixel of the mask."""
+    idx = np.nonzero(mask.any(axis=axis))[0]
+    return int(idx[0]), int(idx[-1]) + 1
 
 
 def _to_float_batch(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
@@ -93,7 +101,7 @@ class SceneParser:
         directions = INK_RGB[None] - bg_rgb[:, None]  # (N, K, 3)
         diff = batch - bg_rgb[:, None, None]  # (N, S, S, 3)
         ink, alpha = self._classify_pixels(diff, directions)
-        foreground = alpha >= cfg.alpha_threshold
+        foreground = alpha >= cfg.grow_threshold  # hysteresis: blobs also need a pixel >= alpha_threshold
         structure = np.zeros((3, 3, 3), bool)
         structure[1] = EIGHT_CONNECTED  # components never connect across images of the batch
         labels, _ = ndimage.label(foreground, structure=structure)
@@ -145,28 +153,63 @@ class SceneParser:
         for mask, _ in blobs:
             occupied |= mask
         objects: list[ShapeObject] = []
-        text_masks: list[tuple[np.ndarray, int]] = []
+        text_candidates: list[tuple[np.ndarray, int, float]] = []  # (mask, ink, mass)
         for mask, ink_index in blobs:
-            soft, window, height_px = self._soft_alpha(mask, occupied, diff, directions[ink_index])
-            mass = float(soft.sum())
-            height = height_px / k
-            color = INKS[ink_index]
-            if color in TEXT_INK:
-                if height >= cfg.min_text_height and mass >= cfg.min_text_mass * k * k:
-                    text_masks.append((mask, ink_index))
+            soft, window, _ = self._soft_alpha(mask, occupied, diff, directions[ink_index])
+            peak = float(alpha[mask].max())
+            if peak < cfg.alpha_threshold:
                 continue
-            if mass < cfg.min_object_mass * k * k:
-                if height >= cfg.min_text_height and mass >= cfg.min_text_mass * k * k:
-                    text_masks.append((mask, ink_index))  # a thin colored letter
+            mass = float(soft.sum())
+            color = INKS[ink_index]
+            if color in TEXT_INK or mass < cfg.min_object_mass * k * k or peak < cfg.min_shape_peak:
+                text_candidates.append((mask, ink_index, mass))  # letters, fragments of letters, or specks
                 continue
             obj, err = self._fit_shape(soft, window, mass, color)
+            height = (window[0].stop - window[0].start - 4) / k
             if err > cfg.text_fit_error and height <= cfg.max_text_height:
-                text_masks.append((mask, ink_index))
+                text_candidates.append((mask, ink_index, mass))
             else:
                 objects.append(obj)
+        text_masks = self._group_text(text_candidates, S)
         text = self._read_text(text_masks, occupied, diff, directions, S) if text_masks else None
         objects.sort(key=lambda o: (o.cx, o.cy))
         return Scene(canvas=S, background=background, objects=tuple(objects), text=text)
+
+    def _group_text(self, candidates: list[tuple[np.ndarray, int, float]], S: int) -> list[tuple[np.ndarray, int]]:
+        """The word's pieces: candidates of the dominant ink in the row band of its largest piece.
+
+        Returns nothing when they are too small or too short to be a word (specks)."""
+        cfg = self.config
+        k = scale(S)
+        if not candidates:
+            return []
+        totals = np.zeros(len(INKS))
+        for _, ink_index, mass in candidates:
+            totals[ink_index] += mass
+        ink_index = int(totals.argmax())
+        pieces = [(m, mass) for m, i, mass in candidates if i == ink_index]
+        pieces.sort(key=lambda p: -p[1])
+        anchor = pieces[0][0]
+        if _extent(anchor, axis=1)[1] - _extent(anchor, axis=1)[0] < cfg.min_text_height * k:
+            return []  # even blurred, a word keeps at least one letter-sized piece
+        reach = cfg.max_text_height * k / 2
+        members = [pieces[0]]
+        top, bottom = _extent(anchor, axis=1)
+        left, right = _extent(anchor, axis=0)
+        rest = pieces[1:]
+        grew = True
+        while grew:  # grow the word from its anchor by pieces within reach, until none is left in reach
+            grew = False
+            for i in reversed(range(len(rest))):
+                t, b = _extent(rest[i][0], axis=1)
+                l, r = _extent(rest[i][0], axis=0)
+                if b > top - reach and t < bottom + reach and l < right + reach and r > left - reach:
+                    members.append(rest.pop(i))
+                    top, bottom, left, right = min(top, t), max(bottom, b), min(left, l), max(right, r)
+                    grew = True
+        if sum(ms for _, ms in members) < cfg.min_text_mass * k * k:
+            return []
+        return [(m, ink_index) for m, _ in members]
 
     def _split_by_color(self, mask: np.ndarray, ink: np.ndarray, alpha: np.ndarray, sl) -> list[tuple[np.ndarray, int]]:
         votes = np.bincount(ink[mask], weights=alpha[mask], minlength=len(INKS))
@@ -196,7 +239,8 @@ class SceneParser:
         return a, (r, c), int(rows[-1] + 1 - rows[0])
 
     def _fit_shape(self, soft, window, mass, color) -> tuple[ShapeObject, float]:
-        """The best of the six shapes placed by the blob's mass and centroid, and its mean abs error."""
+        """The best of the six shapes (each at the best blur level) placed by the blob's mass and centroid,
+        and its mean absolute error per unit of ink."""
         r, c = window
         h, w = soft.shape
         ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -207,9 +251,11 @@ class SceneParser:
             size = float(np.sqrt(mass / AREA_FRACTION[shape]))
             cy = cy0 - CENTROID_DROP.get(shape, 0.0) * size
             template = shape_coverage(shape, cx0, cy, size, c.start, r.start, w, h, supersample=FIT_SUPERSAMPLE)
-            err = float(np.abs(soft - template).sum() / mass)
-            if err < best_err:
-                best, best_err = ShapeObject(shape, color, cx0, cy, size), err
+            for sigma in BLUR_LEVELS:
+                blurred = ndimage.gaussian_filter(template, sigma, mode="constant") if sigma else template
+                err = float(np.abs(soft - blurred).sum() / mass)
+                if err < best_err:
+                    best, best_err = ShapeObject(shape, color, cx0, cy, size), err
         return best, best_err
 
     def _read_text(self, text_masks, occupied, diff, directions, S) -> TextObject | None:
