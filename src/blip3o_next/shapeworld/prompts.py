@@ -107,9 +107,21 @@ class Prompt:
 # ----------------------------------------------------------------------------- text of a requirement
 
 
+def plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith("s") else "s")
+
+
+def singular(noun: str) -> str:
+    return noun[:-2] if noun.endswith("sses") else noun[:-1] if noun.endswith("s") else noun
+
+
+def _head(words: list[str], count: int) -> str:
+    return " ".join(words[:-1] + [plural(words[-1]) if count > 1 else words[-1]])
+
+
 def noun_phrase(g: ObjectSpec, definite: bool = False) -> str:
     words = [w for w in (g.size, g.color, g.shape or "object") if w]
-    head = " ".join(words) + ("s" if g.count > 1 else "")
+    head = _head(words, g.count)
     if g.count > 1:
         return f"{COUNT_WORDS[g.count]} {head}"
     return f"{'the' if definite else article(words[0])} {head}"
@@ -268,11 +280,11 @@ def parse_prompt(text: str) -> Requirement:
                 color = peek()
                 pos += 1
             noun = peek() or ""
-            singular = noun[:-1] if count > 1 and noun.endswith("s") else noun
-            if singular not in SHAPES and singular != "object":
+            base = singular(noun) if count > 1 else noun
+            if base not in SHAPES and base != "object" or (count > 1 and noun != plural(base)):
                 raise PromptParseError(f"unknown shape {noun!r} in {text!r}")
             pos += 1
-            groups.append(ObjectSpec(shape=None if singular == "object" else singular, color=color, size=size, count=count))
+            groups.append(ObjectSpec(shape=None if base == "object" else base, color=color, size=size, count=count))
             clause_ids.append(len(groups) - 1)
         if peek() is None or peek() == "on":
             break
@@ -323,7 +335,7 @@ _DIGITS = {2: "2", 3: "3", 4: "4"}
 
 def _paraphrase_np(g: ObjectSpec, rng: np.random.Generator) -> str:
     words = [w for w in (g.size, g.color, g.shape or "shape") if w]
-    noun = " ".join(words) + ("s" if g.count > 1 else "")
+    noun = _head(words, g.count)
     if g.count == 1:
         return f"{rng.choice([article(words[0]), 'one'])} {noun}"
     return f"{rng.choice([COUNT_WORDS[g.count], _DIGITS[g.count]])} {noun}"

@@ -1,0 +1,255 @@
+"""The `blip3o` command line. Thin: it parses arguments, calls the Python API, and prints results.
+
+User errors (bad files, bad arguments) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .fileio import InputError, check_writable_dir, save_png, write_json, write_jsonl
+
+log = logging.getLogger("blip3o")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _staging(out: Path) -> Path:
+    """A temporary sibling folder; `_publish` renames it to `out` when everything is written."""
+    check_writable_dir(out.parent if out.parent != Path("") else Path("."))
+    if out.exists() and any(out.iterdir()) and not (out / "scores.json").is_file():
+        raise InputError(f"{out}: exists and is not an earlier `blip3o data render` output; choose another --out")
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+
+
+def _publish(staging: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def cmd_data_render(args: argparse.Namespace) -> int:
+    """Render canonical prompts (or edits), score the renders with the verifier, write files and a grid."""
+    from .evaluation import EditItem, T2IItem, edit_grid, evaluate_edits, evaluate_t2i, format_edit_table, format_t2i_table, t2i_grid
+    from .shapeworld.degrade import DEGRADATIONS
+    from .shapeworld.edits import edit_suite
+    from .shapeworld.prompts import canonical_suite
+    from .shapeworld.render import render
+    from .shapeworld.sampler import sample_scene_for
+
+    out = Path(args.out)
+    staging = _staging(out)
+    try:
+        degrade = DEGRADATIONS[args.degrade].apply
+        rng = np.random.default_rng(args.seed)
+        if args.kind == "t2i":
+            prompts = canonical_suite(args.per_category, seed=args.seed)
+            items, records = [], []
+            for i, p in enumerate(prompts):
+                item_id = f"{i:04d}_{p.category}"
+                image = degrade(render(sample_scene_for(p.requirement, rng, args.canvas)), rng)
+                save_png(staging / "images" / f"{item_id}.png", image)
+                records.append({"id": item_id, **p.to_dict()})
+                items.append(T2IItem(item_id, p.text, p.category, p.requirement, [image], [out / "images" / f"{item_id}.png"]))
+            write_jsonl(staging / "prompts.jsonl", records)
+            rows, summary = evaluate_t2i(items)
+            table, grid = format_t2i_table(summary), t2i_grid(items, rows)
+        else:
+            pairs = edit_suite(args.per_category, seed=args.seed, canvas=args.canvas)
+            items, records = [], []
+            for i, e in enumerate(pairs):
+                item_id = f"{i:04d}_{e.spec.category}"
+                source, target = render(e.source), degrade(render(e.target), rng)
+                save_png(staging / "sources" / f"{item_id}.png", source)
+                save_png(staging / "targets" / f"{item_id}.png", target)
+                records.append({"id": item_id, "source": f"sources/{item_id}.png", **e.to_dict()})
+                items.append(EditItem(item_id, e.instruction, e.spec, source, target, e.source, e.target))
+            write_jsonl(staging / "edits.jsonl", records)
+            rows, summary = evaluate_edits(items)
+            table, grid = format_edit_table(summary), edit_grid(items, rows)
+        write_json(staging / "scores.json", {"summary": summary, "items": rows})
+        save_png(staging / "grid.png", grid)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(table)
+    what = "prompts.jsonl, images/" if args.kind == "t2i" else "edits.jsonl, sources/, targets/"
+    print(f"\nwrote {out}/ ({what}, scores.json, grid.png)")
+    return 0
+
+
+def cmd_data_export(args: argparse.Namespace) -> int:
+    from .shapeworld.dataset import export_shards
+
+    try:
+        paths = export_shards(args.out_dir, args.kind, args.n, seed=args.seed, canvas=args.canvas, shard_size=args.shard_size)
+    except FileExistsError as e:
+        raise InputError(str(e)) from None
+    print(f"wrote {len(paths)} shard(s) with {args.n} {args.kind} samples to {args.out_dir}/")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _check_report_paths(args: argparse.Namespace) -> None:
+    """Fail before any work if a report cannot be written."""
+    for path in (args.grid, args.json if args.json not in (None, "-") else None):
+        if path is not None:
+            check_writable_dir(Path(path).parent)
+
+
+def _write_reports(args: argparse.Namespace, summary: dict, rows: list, grid) -> None:
+    if args.json:
+        payload = {"summary": summary, "items": rows}
+        if args.json == "-":
+            print(json.dumps(payload, indent=2))
+        else:
+            write_json(args.json, payload)
+            print(f"wrote {args.json}")
+    save_png(args.grid, grid)
+    print(f"wrote {args.grid}")
+
+
+def cmd_eval_t2i(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_t2i, format_t2i_table, load_t2i_items, t2i_grid
+
+    _check_report_paths(args)
+    items = load_t2i_items(args.prompts, args.images_dir)  # every input is checked before any scoring
+    rows, summary = evaluate_t2i(items)
+    print(format_t2i_table(summary))
+    _write_reports(args, summary, rows, t2i_grid(items, rows))
+    return 0
+
+
+def cmd_eval_edit(args: argparse.Namespace) -> int:
+    from .evaluation import edit_grid, evaluate_edits, format_edit_table, load_edit_items
+
+    _check_report_paths(args)
+    items = load_edit_items(args.edits, args.out_dir)
+    rows, summary = evaluate_edits(items)
+    print(format_edit_table(summary))
+    _write_reports(args, summary, rows, edit_grid(items, rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _canvas(value: str) -> int:
+    from .shapeworld.world import MAX_CANVAS, MIN_CANVAS
+
+    try:
+        s = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if not MIN_CANVAS <= s <= MAX_CANVAS:
+        raise argparse.ArgumentTypeError(f"canvas size must be in [{MIN_CANVAS}, {MAX_CANVAS}], got {s}")
+    return s
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line and exit status 2 (argparse's default prints the whole usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .shapeworld.degrade import DEGRADATIONS
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(prog="blip3o", description="BLIP3o-NEXT: ShapeWorld data engine, verifier and scorers.", formatter_class=fmt)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = commands.add_parser("data", help="render or export ShapeWorld data", formatter_class=fmt)
+    data_cmds = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    render = data_cmds.add_parser(
+        "render",
+        help="render canonical prompts (or edits), score them with the verifier, write images, a grid and scores",
+        description="Render the canonical suite's ground truth, score it with the verifier, and write files plus a grid.",
+        formatter_class=fmt,
+    )
+    render.add_argument("--kind", choices=("t2i", "edit"), default="t2i", help="text-to-image prompts or edit pairs")
+    render.add_argument("--per-category", type=_positive, default=4, help="prompts (or edits) per category")
+    render.add_argument("--canvas", type=_canvas, default=64, help="canvas size S in px")
+    render.add_argument("--seed", type=int, default=0, help="random seed (prompt choice and scenes)")
+    render.add_argument("--degrade", choices=tuple(DEGRADATIONS), default="clean", help="degrade the scored images (t2i images or edit targets)")
+    render.add_argument("--out", default="samples", help="output folder (replaced if it is an earlier render output)")
+    render.set_defaults(func=cmd_data_render)
+
+    export = data_cmds.add_parser(
+        "export", help="export training samples as WebDataset tar shards (png + json)", formatter_class=fmt,
+        description="Write N samples from the data engine to WebDataset shards in OUT_DIR (must be new or empty).",
+    )
+    export.add_argument("out_dir", metavar="OUT_DIR", help="folder for the .tar shards")
+    export.add_argument("--kind", choices=("t2i", "edit"), default="t2i", help="text-to-image samples or edit pairs")
+    export.add_argument("--n", type=_positive, default=1000, help="number of samples")
+    export.add_argument("--canvas", type=_canvas, default=64, help="canvas size S in px")
+    export.add_argument("--seed", type=int, default=0, help="random seed")
+    export.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
+    export.set_defaults(func=cmd_data_export)
+
+    ev = commands.add_parser("eval", help="score images with the verifier", formatter_class=fmt)
+    ev_cmds = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    t2i = ev_cmds.add_parser(
+        "t2i", help="GenEval-style scoring of text-to-image outputs", formatter_class=fmt,
+        description="Score IMAGES_DIR/<id>.png (or IMAGES_DIR/<id>/*.png) against PROMPTS.jsonl lines "
+        '{"id", "prompt", optional "category", optional "requirement"}.',
+    )
+    t2i.add_argument("prompts", metavar="PROMPTS.jsonl", help="prompt file")
+    t2i.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of generated images")
+    t2i.add_argument("--json", metavar="FILE", help="also write per-image results and the summary as JSON ('-' for stdout)")
+    t2i.add_argument("--grid", metavar="FILE", default="eval_t2i_grid.png", help="PNG grid of images marked pass/fail")
+    t2i.set_defaults(func=cmd_eval_t2i)
+    edit = ev_cmds.add_parser(
+        "edit", help="ImgEdit-style scoring of edit outputs", formatter_class=fmt,
+        description="Score OUT_DIR/<id>.png against EDITS.jsonl lines "
+        '{"id", "instruction", "source" (path relative to the JSONL), optional "source_scene", optional "target_scene"}.',
+    )
+    edit.add_argument("edits", metavar="EDITS.jsonl", help="edit file")
+    edit.add_argument("out_dir", metavar="OUT_DIR", help="folder of edited images")
+    edit.add_argument("--json", metavar="FILE", help="also write per-edit results and the summary as JSON ('-' for stdout)")
+    edit.add_argument("--grid", metavar="FILE", default="eval_edit_grid.png", help="PNG grid (source | output) marked pass/fail")
+    edit.set_defaults(func=cmd_eval_edit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except InputError as e:
+        print(f"blip3o: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blip3o: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
