@@ -21,6 +21,7 @@ from .world import (
     REGIONS,
     RELATIONS,
     SHAPES,
+    SAMPLING_SLACK,
     SIZE_RANGES,
     Scene,
     ShapeObject,
@@ -236,8 +237,8 @@ def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator) -> Scene
 
         def accept(box) -> bool:
             if anchor is not None:
-                return relation_holds(box, spec.relation, anchor, S)
-            return region_holds(box, spec.region, S)
+                return relation_holds(box, spec.relation, anchor, S, slack=SAMPLING_SLACK)
+            return region_holds(box, spec.region, S, slack=SAMPLING_SLACK)
 
         size = float(rng.integers(12, 21)) * scale(S)
         obj = place_shape(rng, S, spec.new_shape, spec.new_color, size, _boxes_except(source, None), accept)
@@ -266,7 +267,7 @@ def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator) -> Scene
     if c == "move":
         if region_holds(old.box, spec.region, S):
             raise EditError(f"the {old.shape} is already on the {spec.region}")
-        moved = place_shape(rng, S, old.shape, old.color, old.size, others, lambda box: region_holds(box, spec.region, S))
+        moved = place_shape(rng, S, old.shape, old.color, old.size, others, lambda box: region_holds(box, spec.region, S, slack=SAMPLING_SLACK))
         if moved is None:
             raise EditError(f"no free place on the {spec.region}")
         return _replace_object(source, index, moved)

@@ -173,9 +173,14 @@ class Scene:
             raise ValueError(f"unknown text color {self.text.color!r}")
 
 
-def relation_holds(a: Box, relation: str, b: Box, canvas: int) -> bool:
-    """`a {relation} b` on box centers with margin m = S/8."""
-    m = canvas * RELATION_MARGIN_FRACTION
+# Generated scenes keep relations and regions with this much to spare (px at S = 64), so that a parse a
+# fraction of a pixel off still verifies; checks of images use no slack.
+SAMPLING_SLACK = 1.0
+
+
+def relation_holds(a: Box, relation: str, b: Box, canvas: int, slack: float = 0.0) -> bool:
+    """`a {relation} b` on box centers with margin m = S/8 (plus `slack` px at S = 64)."""
+    m = canvas * RELATION_MARGIN_FRACTION + slack * scale(canvas)
     if relation == "left of":
         return b.cx - a.cx >= m
     if relation == "right of":
@@ -187,16 +192,17 @@ def relation_holds(a: Box, relation: str, b: Box, canvas: int) -> bool:
     raise ValueError(f"unknown relation {relation!r}")
 
 
-def region_holds(box: Box, region: str, canvas: int) -> bool:
-    x, y, s = box.cx, box.cy, canvas
+def region_holds(box: Box, region: str, canvas: int, slack: float = 0.0) -> bool:
+    """Whether the box center lies in the region (at least `slack` px at S = 64 inside its border)."""
+    x, y, s, d = box.cx, box.cy, canvas, slack * scale(canvas)
     if region == "left side":
-        return x < 0.4 * s
+        return x < 0.4 * s - d
     if region == "right side":
-        return x > 0.6 * s
+        return x > 0.6 * s + d
     if region == "top":
-        return y < 0.4 * s
+        return y < 0.4 * s - d
     if region == "bottom":
-        return y > 0.6 * s
+        return y > 0.6 * s + d
     if region == "center":
-        return 0.35 * s <= x <= 0.65 * s and 0.35 * s <= y <= 0.65 * s
+        return 0.35 * s + d <= x <= 0.65 * s - d and 0.35 * s + d <= y <= 0.65 * s - d
     raise ValueError(f"unknown region {region!r}")
