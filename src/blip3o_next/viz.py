@@ -25,10 +25,10 @@ def image_grid(
     `rows[i]` is the list of images of cell i; cells are laid out `columns` per row.
     """
     font = ImageFont.load_default(size=11)
-    border = 4
+    border, gap = 4, 4  # frame width; space between the images of one cell
     n = len(rows)
     per_cell = max(len(r) for r in rows) if rows else 1
-    cell_w = per_cell * tile + 2 * border
+    cell_w = per_cell * tile + (per_cell - 1) * gap + 2 * border
     line_h = 13
     cell_h = tile + 2 * border + caption_lines * line_h + 4
     cols = max(1, min(columns, n))
@@ -42,7 +42,8 @@ def image_grid(
         frame = NEUTRAL_RGB if ok is None else PASS_RGB if ok else FAIL_RGB
         draw.rectangle([x, y, x + cell_w - 1, y + tile + 2 * border - 1], fill=frame)
         for j, img in enumerate(images):
-            canvas.paste(Image.fromarray(np.asarray(img, np.uint8)).resize((tile, tile), Image.NEAREST), (x + border + j * tile, y + border))
+            tile_image = Image.fromarray(np.asarray(img, np.uint8)).resize((tile, tile), Image.NEAREST)
+            canvas.paste(tile_image, (x + border + j * (tile + gap), y + border))
         if captions is not None:
             label = ("PASS  " if ok else "FAIL  " if ok is not None else "") + captions[i]
             for k, line in enumerate(textwrap.wrap(label, chars)[:caption_lines]):
