@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from .prompts import Requirement, text_group_index
+from .prompts import Requirement, random_word, text_group_index
 from .render import make_text
 from .world import (
     BACKGROUNDS,
@@ -27,10 +27,10 @@ from .world import (
     TextObject,
     check_canvas,
     default_text_color,
+    SAMPLING_SLACK,
     relation_holds,
     scale,
 )
-from .prompts import random_word
 
 PLACEMENT_TRIES = 200
 SCENE_TRIES = 100
@@ -42,10 +42,16 @@ class PlacementError(RuntimeError):
 
 def fits(box: Box, canvas: int, occupied: list[Box]) -> bool:
     """Inside the canvas with the margin, and at least the gap away from every occupied box."""
+    return _fits(box.x0, box.y0, box.x1, box.y1, canvas, occupied)
+
+
+def _fits(x0: float, y0: float, x1: float, y1: float, canvas: int, occupied: list[Box]) -> bool:
+    """`fits` for a box given by its edges: placement loops test many boxes and build only the one that fits."""
     m = MARGIN * scale(canvas)
-    if box.x0 < m or box.y0 < m or box.x1 > canvas - m or box.y1 > canvas - m:
+    if x0 < m or y0 < m or x1 > canvas - m or y1 > canvas - m:
         return False
-    return all(box.gap_to(o) >= m for o in occupied)
+    # Box.gap_to, inlined: the Chebyshev gap to each occupied box.
+    return all(max(o.x0 - x1, x0 - o.x1, o.y0 - y1, y0 - o.y1) >= m for o in occupied)
 
 
 def draw_size(rng: np.random.Generator, canvas: int, size_name: str | None) -> float:
@@ -67,11 +73,13 @@ def place_shape(
     lo, hi = m + size / 2, canvas - m - size / 2
     if hi < lo:
         return None
+    h = size / 2
     for _ in range(PLACEMENT_TRIES):
-        cx, cy = (np.round(rng.uniform(lo, hi, size=2) * 4) / 4).tolist()
-        obj = ShapeObject(shape, color, cx, cy, size)
-        if fits(obj.box, canvas, occupied) and accept(obj.box):
-            return obj
+        cx, cy = (round(v * 4) / 4 for v in rng.uniform(lo, hi, size=2).tolist())  # round half to even, as np.round
+        if _fits(cx - h, cy - h, cx + h, cy + h, canvas, occupied):
+            obj = ShapeObject(shape, color, cx, cy, size)
+            if accept(obj.box):
+                return obj
     return None
 
 
@@ -88,8 +96,8 @@ def place_text(
     if cap_height is None:
         cap_height = float(rng.integers(CAP_HEIGHT_RANGE[0], CAP_HEIGHT_RANGE[1] + 1)) * scale(canvas)
     m = MARGIN * scale(canvas)
+    probe = make_text(word, canvas / 2, canvas / 2, cap_height, color)  # the word's measured height
     for _ in range(PLACEMENT_TRIES):
-        probe = make_text(word, canvas / 2, canvas / 2, cap_height, color)
         cy = float(rng.uniform(m + probe.height / 2, canvas - m - probe.height / 2))
         text = make_text(word, canvas / 2, cy, cap_height, color)
         if fits(text.box, canvas, occupied) and accept(text.box):
@@ -142,9 +150,11 @@ def sample_scene_for(req: Requirement, rng: np.random.Generator, canvas: int = 6
 
         def satisfies_relations(group: int, box: Box) -> bool:
             for r in req.relations:
-                if r.subject == group and not all(relation_holds(box, r.relation, o, canvas) for o in boxes_by_group.get(r.object, [])):
+                others = boxes_by_group.get(r.object, [])
+                if r.subject == group and not all(relation_holds(box, r.relation, o, canvas, SAMPLING_SLACK) for o in others):
                     return False
-                if r.object == group and not all(relation_holds(o, r.relation, box, canvas) for o in boxes_by_group.get(r.subject, [])):
+                others = boxes_by_group.get(r.subject, [])
+                if r.object == group and not all(relation_holds(o, r.relation, box, canvas, SAMPLING_SLACK) for o in others):
                     return False
             return True
 
