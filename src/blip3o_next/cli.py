@@ -175,6 +175,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _add_report_args(parser: argparse.ArgumentParser, kind: str, shown: str) -> None:
+    parser.add_argument("--json", metavar="FILE", help="also write per-item results and the summary as JSON ('-' for stdout)")
+    parser.add_argument("--grid", metavar="FILE", default=f"eval_{kind}_grid.png", help=f"PNG grid of {shown} marked pass/fail")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .shapeworld.degrade import DEGRADATIONS
 
@@ -220,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t2i.add_argument("prompts", metavar="PROMPTS.jsonl", help="prompt file")
     t2i.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of generated images")
-    t2i.add_argument("--json", metavar="FILE", help="also write per-image results and the summary as JSON ('-' for stdout)")
-    t2i.add_argument("--grid", metavar="FILE", default="eval_t2i_grid.png", help="PNG grid of images marked pass/fail")
+    _add_report_args(t2i, "t2i", "images")
     t2i.set_defaults(func=cmd_eval_t2i)
     edit = ev_cmds.add_parser(
         "edit", help="ImgEdit-style scoring of edit outputs", formatter_class=fmt,
@@ -230,8 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("edits", metavar="EDITS.jsonl", help="edit file")
     edit.add_argument("out_dir", metavar="OUT_DIR", help="folder of edited images")
-    edit.add_argument("--json", metavar="FILE", help="also write per-edit results and the summary as JSON ('-' for stdout)")
-    edit.add_argument("--grid", metavar="FILE", default="eval_edit_grid.png", help="PNG grid (source | output) marked pass/fail")
+    _add_report_args(edit, "edit", "source | output pairs")
     edit.set_defaults(func=cmd_eval_edit)
     return parser
 
