@@ -1,0 +1,29 @@
+"""The connector: maps the AR model's last-layer hidden states over the image span to the diffusion
+transformer's conditioning width D.
+
+Linear(hidden -> D) -> GELU(tanh) -> Linear(D -> D) -> RMSNorm, with the RMSNorm weight initialised to
+sqrt(5.5) as in the official model (it matches the scale of the text-encoder features SANA was trained on).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+RMSNORM_INIT = math.sqrt(5.5)
+
+
+class Connector(nn.Module):
+    def __init__(self, hidden_size: int, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.proj_in = nn.Linear(hidden_size, width)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj_out = nn.Linear(width, width)
+        self.norm = nn.RMSNorm(width, eps=eps)
+        nn.init.constant_(self.norm.weight, RMSNORM_INIT)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, width)."""
+        return self.norm(self.proj_out(self.act(self.proj_in(hidden_states))))
