@@ -1,0 +1,106 @@
+"""The autoregressive model: transformers' Qwen3ForCausalLM over the extended vocabulary, and the blueprint
+sampler.
+
+The sequence is `prompt <im_start> <S0> img_1 .. img_n <im_end>`. The diffusion model is conditioned on the
+last-layer hidden states of the image span (<S0> and the n image tokens). The sampler produces the tokens and
+those hidden states in one KV-cached pass; the official code runs `generate` and then a second full forward
+only to read the hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .text_tokenizer import ImageVocab
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """AR sampling settings (official inference: top_p 0.95, top_k 1200)."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 1200  # 0 disables
+    top_p: float = 0.95  # 1.0 disables
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.temperature not in (0.0, 1.0):
+            procs.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k > 0:
+            procs.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+@dataclass
+class Blueprint:
+    codes: torch.Tensor  # (B, n) image-codebook indices
+    hidden_states: torch.Tensor  # (B, 1 + n, hidden): last layer over <S0> and the n image tokens
+
+
+def build_ar_model(config: Qwen3Config) -> Qwen3ForCausalLM:
+    return Qwen3ForCausalLM(config)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left-padded prompts line up."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def image_span_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: ImageVocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append `<im_start><S0>` to left-padded prompts."""
+    prefix = torch.tensor([vocab.im_start, vocab.scales[0]], dtype=input_ids.dtype, device=input_ids.device)
+    prefix = prefix.expand(input_ids.shape[0], 2)
+    return torch.cat([input_ids, prefix], 1), torch.cat([attention_mask, torch.ones_like(prefix)], 1)
+
+
+def _sample(logits: torch.Tensor, input_ids: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    scores = sampling.processors()(input_ids, logits.float())
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_blueprint(
+    model: Qwen3ForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    vocab: ImageVocab,
+    num_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
+) -> Blueprint:
+    """Sample `num_tokens` image tokens after left-padded prompts, keeping the last-layer hidden states.
+
+    One prefill over the prompt and `<im_start><S0>`, then one cached step per image token. Sampling is
+    restricted to the image codebook; every random draw uses `generator`.
+    """
+    ids, mask = image_span_prefix(input_ids, attention_mask, vocab)
+    cache = DynamicCache(config=model.config)
+    positions = position_ids_from_mask(mask)
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    hidden = [out.last_hidden_state[:, -1:]]
+    next_pos = positions[:, -1:] + 1
+    history = ids
+    codes = []
+    for step in range(num_tokens):
+        logits = model.lm_head(hidden[-1][:, -1])[:, vocab.image_offset : vocab.vocab_end]
+        code = _sample(logits, history, sampling, generator)
+        codes.append(code)
+        token = (code + vocab.image_offset)[:, None]
+        history = torch.cat([history, token], 1)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        out = model.model(input_ids=token, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
+        hidden.append(out.last_hidden_state)
+        next_pos = next_pos + 1
+    return Blueprint(codes=torch.stack(codes, 1), hidden_states=torch.cat(hidden, 1))

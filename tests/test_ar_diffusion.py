@@ -1,0 +1,100 @@
+"""AR blueprint sampler (KV cache, hidden states in the same pass) and flow-matching diffusion."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+from transformers import Qwen3Config
+
+from blip3o_next.autoregressive import SamplingConfig, build_ar_model, image_span_prefix, position_ids_from_mask, sample_blueprint
+from blip3o_next.connector import RMSNORM_INIT, Connector
+from blip3o_next.diffusion import drop_condition, flow_matching_loss, noisy_latents, sample_latents
+from blip3o_next.text_tokenizer import ImageVocab
+
+VOCAB = ImageVocab(im_start=100, im_end=101, scales=(102, 103, 104), image_offset=105, codebook_size=64)
+
+
+@pytest.fixture(scope="module")
+def ar():
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=169, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    return build_ar_model(cfg).eval()
+
+
+PROMPTS = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+MASK = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+
+
+def test_sampling_is_seeded(ar):
+    a = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 12, SamplingConfig(top_k=20), torch.Generator().manual_seed(3))
+    b = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 12, SamplingConfig(top_k=20), torch.Generator().manual_seed(3))
+    c = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 12, SamplingConfig(top_k=20), torch.Generator().manual_seed(4))
+    assert torch.equal(a.codes, b.codes) and not torch.equal(a.codes, c.codes)
+    assert a.codes.shape == (2, 12) and int(a.codes.max()) < VOCAB.codebook_size and a.hidden_states.shape == (2, 13, 64)
+
+
+def test_generation_hidden_states_equal_a_full_forward(ar):
+    bp = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 16, SamplingConfig(), torch.Generator().manual_seed(0))
+    ids, mask = image_span_prefix(PROMPTS, MASK, VOCAB)
+    ids = torch.cat([ids, bp.codes + VOCAB.image_offset], 1)
+    mask = torch.cat([mask, torch.ones_like(bp.codes)], 1)
+    with torch.no_grad():
+        full = ar.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
+    assert (full[:, -17:] - bp.hidden_states).abs().max().item() < 1e-4
+
+
+def test_greedy_and_bad_settings(ar):
+    a = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 4, SamplingConfig(temperature=0))
+    assert torch.equal(a.codes, sample_blueprint(ar, PROMPTS, MASK, VOCAB, 4, SamplingConfig(temperature=0)).codes)
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0)
+
+
+def test_connector_shapes_and_norm_init():
+    c = Connector(64, 32)
+    assert c(torch.randn(2, 5, 64)).shape == (2, 5, 32)
+    assert torch.allclose(c.norm.weight, torch.full((32,), RMSNORM_INIT))
+
+
+@pytest.fixture(scope="module")
+def dit():
+    torch.manual_seed(0)
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                                  num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
+                                  caption_channels=24, sample_size=8, patch_size=1)
+
+
+def test_flow_matching_noising_and_dropout():
+    x0, noise = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    xt = noisy_latents(x0, noise, torch.tensor([0.0, 1.0]))
+    assert xt[0].abs().max() == 0 and torch.all(xt[1] == 1)
+    cond = torch.ones(1000, 3, 5)
+    dropped = drop_condition(cond, 0.1, torch.Generator().manual_seed(0))
+    share = (dropped.flatten(1).abs().sum(1) == 0).float().mean().item()
+    assert 0.07 < share < 0.13
+
+
+def test_flow_matching_overfits_one_batch(dit):
+    latents, cond = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(4, 6, 24)
+
+    def held_out_loss() -> float:  # the same noise levels and noise every time
+        with torch.no_grad():
+            return flow_matching_loss(dit, latents, cond, generator=torch.Generator().manual_seed(99)).item()
+
+    before = held_out_loss()
+    opt = torch.optim.AdamW(dit.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        loss = flow_matching_loss(dit, latents, cond, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert held_out_loss() < 0.5 * before
+
+
+def test_cfg_sampling_is_seeded(dit):
+    cfg = FlowMatchEulerDiscreteScheduler().config
+    cond = torch.randn(2, 6, 24)
+    a = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5))
+    b = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (2, 4, 8, 8) and torch.equal(a, b)
