@@ -104,3 +104,26 @@ def sample_blueprint(
         hidden.append(out.last_hidden_state)
         next_pos = next_pos + 1
     return Blueprint(codes=torch.stack(codes, 1), hidden_states=torch.cat(hidden, 1))
+
+
+def build_sequences(
+    tokenizer, vocab: ImageVocab, prompts: list[str], codes: torch.Tensor, max_prompt_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded training sequences `prompt <im_start><S0> codes <im_end> <eos>` and their labels.
+
+    Labels cover text and image tokens (padding is -100). Prompts longer than `max_prompt_tokens` keep
+    their first tokens.
+    """
+    rows = []
+    for prompt, row_codes in zip(prompts, codes.tolist()):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
+        image = [vocab.image_offset + c for c in row_codes]
+        rows.append(ids + [vocab.im_start, vocab.scales[0]] + image + [vocab.im_end, tokenizer.eos_token_id])
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attention_mask[i, : len(r)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return input_ids, attention_mask, labels

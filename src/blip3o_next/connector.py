@@ -10,12 +10,17 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 RMSNORM_INIT = math.sqrt(5.5)
 
 
-class Connector(nn.Module):
+class Connector(ModelMixin, ConfigMixin):
+    """Args: hidden_size (AR hidden width), width (D, the diffusion transformer's caption_channels), eps."""
+
+    @register_to_config
     def __init__(self, hidden_size: int, width: int, eps: float = 1e-6):
         super().__init__()
         self.proj_in = nn.Linear(hidden_size, width)

@@ -104,6 +104,7 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
         reconstruction_weight: float = 1.0,
     ):
         super().__init__()
+        channels = tuple(channels)  # JSON configs hand back lists
         enc: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1)]
         for c_in, c_out in zip(channels, channels[1:] + (channels[-1],)):
             enc += [ResBlock(c_in), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]

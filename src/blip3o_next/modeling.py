@@ -1,0 +1,275 @@
+"""BLIP3o-NEXT as one model object: the AR model writes the blueprint, the connector maps its hidden states over
+the image span to the diffusion transformer's conditioning, which renders VAE latents.
+
+One class serves training (forward returns CE + flow-matching losses) and inference (the pipeline calls the
+sampler functions on its parts). Parts are standard classes, saved one per subfolder in their own Hugging Face
+format, so the same code loads the tiny preset and, given local checkpoints, the real next-3b parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+from torch import nn
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from .autoregressive import position_ids_from_mask
+from .connector import Connector
+from .diffusion import drop_condition, flow_matching_loss
+from .image_tokenizer import ImageTokenizer
+from .text_tokenizer import ImageVocab, extend_tokenizer
+from .vae import spatial_compression
+
+CONFIG_NAME = "blip3o_config.json"
+SUBFOLDERS = ("tokenizer", "image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or does not fit the model (names the file or tensor)."""
+
+
+@dataclass
+class Blip3oNextConfig:
+    """Settings of the whole model that belong to no single part."""
+
+    image_size: int = 64  # px of generated images
+    ce_weight: float = 1.0  # loss = ce_weight * CE + flow_matching_weight * FM (official 1:1)
+    flow_matching_weight: float = 1.0
+    condition_dropout: float = 0.1  # share of samples whose AR condition is zeroed (for CFG)
+    num_inference_steps: int = 30  # official defaults at inference
+    guidance_scale: float = 2.0
+    top_k: int = 1200
+    top_p: float = 0.95
+    temperature: float = 1.0
+    extra: dict = field(default_factory=dict)  # free-form notes (e.g. the preset name)
+
+    def __post_init__(self):
+        if not 0 <= self.condition_dropout < 1:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.ce_weight < 0 or self.flow_matching_weight < 0:
+            raise ValueError("loss weights must be non-negative")
+
+
+@dataclass
+class Blip3oNextOutput:
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    flow_matching_loss: torch.Tensor
+
+
+class Blip3oNext(nn.Module):
+    """The parts, registered by name, and the joint training objective."""
+
+    def __init__(
+        self,
+        config: Blip3oNextConfig,
+        tokenizer: PreTrainedTokenizerFast,
+        image_tokenizer: ImageTokenizer,
+        ar: Qwen3ForCausalLM,
+        connector: Connector,
+        transformer: SanaTransformer2DModel,
+        vae: AutoencoderDC,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.ar = ar
+        self.connector = connector
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler
+        self.image_vocab = ImageVocab.from_tokenizer(tokenizer, image_tokenizer.config.codebook_size)
+        self._check_parts()
+
+    # ------------------------------------------------------------------ derived sizes
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_tokenizer.num_tokens
+
+    @property
+    def span_length(self) -> int:
+        """Positions that condition the diffusion model: the scale token and the image tokens."""
+        return 1 + self.num_image_tokens
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.config.image_size // spatial_compression(self.vae)
+        return (self.vae.config.latent_channels, side, side)
+
+    def _check_parts(self) -> None:
+        """Fail loudly, showing both numbers, when the parts do not fit together."""
+        checks = [
+            ("AR vocabulary", self.ar.config.vocab_size, ">=", self.image_vocab.vocab_end),
+            ("connector input", self.connector.config.hidden_size, "==", self.ar.config.hidden_size),
+            ("connector width", self.connector.config.width, "==", self.transformer.config.caption_channels),
+            ("transformer in_channels", self.transformer.config.in_channels, "==", self.vae.config.latent_channels),
+            ("image tokenizer input", self.image_tokenizer.config.image_size, "==", self.config.image_size),
+        ]
+        for name, got, op, want in checks:
+            if (op == "==" and got != want) or (op == ">=" and got < want):
+                raise ValueError(f"{name} is {got}, must be {op} {want}")
+
+    # ------------------------------------------------------------------ training
+
+    def image_span(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Index (B, span_length) of <S0> and the image tokens after it in each sequence."""
+        is_scale = input_ids == self.image_vocab.scales[0]
+        if not torch.all(is_scale.sum(1) == 1):
+            raise ValueError(f"each sequence needs exactly one <S0> token, found {is_scale.sum(1).tolist()}")
+        start = is_scale.float().argmax(1, keepdim=True)
+        index = start + torch.arange(self.span_length, device=input_ids.device)
+        if int(index.max()) >= input_ids.shape[1]:
+            raise ValueError(f"the image span needs {self.span_length} positions after <S0>; the sequence is too short")
+        tokens = input_ids.gather(1, index[:, 1:])
+        n_image = ((tokens >= self.image_vocab.image_offset) & (tokens < self.image_vocab.vocab_end)).sum(1)
+        if not torch.all(n_image == self.num_image_tokens):
+            raise ValueError(f"image spans hold {n_image.tolist()} image tokens, expected {self.num_image_tokens}")
+        return index
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Blip3oNextOutput:
+        """Joint loss: next-token CE over text and image tokens + flow matching conditioned on the image span."""
+        out = self.ar.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        hidden = out.last_hidden_state  # (B, T, H)
+        logits = self.ar.lm_head(hidden[:, :-1])
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        index = self.image_span(input_ids)
+        span = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        condition = self.connector(drop_condition(span, self.config.condition_dropout if self.training else 0.0, generator))
+        fm = flow_matching_loss(self.transformer, latents, condition, self.scheduler.config.num_train_timesteps, generator)
+        loss = self.config.ce_weight * ce + self.config.flow_matching_weight * fm
+        return Blip3oNextOutput(loss=loss, ce_loss=ce.detach(), flow_matching_loss=fm.detach())
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """One subfolder per part plus blip3o_config.json, written to a temporary folder and renamed into place."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            for name in ("image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler"):
+                getattr(self, name).save_pretrained(tmp / name)
+            (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> "Blip3oNext":
+        """Load every part from its subfolder; errors name the file or the tensor that does not fit."""
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file}: missing (not a BLIP3o-NEXT checkpoint folder)")
+        for sub in SUBFOLDERS:
+            if not (path / sub).is_dir():
+                raise CheckpointError(f"{path / sub}: missing part folder")
+        try:
+            config = Blip3oNextConfig(**json.loads(config_file.read_text()))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_file}: {e}") from None
+        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        parts = {}
+        loaders = {
+            "tokenizer": lambda p: PreTrainedTokenizerFast.from_pretrained(p),
+            "image_tokenizer": lambda p: ImageTokenizer.from_pretrained(p, **dtype),
+            "ar": lambda p: Qwen3ForCausalLM.from_pretrained(p, **({"dtype": torch_dtype} if torch_dtype else {})),
+            "connector": lambda p: Connector.from_pretrained(p, **dtype),
+            "transformer": lambda p: SanaTransformer2DModel.from_pretrained(p, **dtype),
+            "vae": lambda p: AutoencoderDC.from_pretrained(p, **dtype),
+            "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(p),
+        }
+        for name, load in loaders.items():
+            try:
+                parts[name] = load(path / name)
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                raise CheckpointError(f"{path / name}: {str(e).strip().splitlines()[0]}") from None
+        model = cls(config, **parts)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def tiny_parts_configs(vocab_size: int, codebook_size: int = 512) -> dict[str, dict]:
+    """Configs of the tiny preset (64 px, trains on a CPU). `vocab_size` is the extended tokenizer's size."""
+    hidden, width = 256, 256
+    return {
+        "image_tokenizer": dict(image_size=64, channels=(64, 96, 128), code_dim=32, codebook_size=codebook_size),
+        "ar": dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=True),
+        "connector": dict(hidden_size=hidden, width=width),
+        "transformer": dict(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=32, num_layers=4,
+                            num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128,
+                            caption_channels=width, sample_size=16, patch_size=1),
+        "vae": "tiny",
+    }
+
+
+def next3b_parts_configs() -> dict[str, dict]:
+    """Configs of the official-size parts: Qwen3-1.7B, SANA 1.5 1.6B, DC-AE f32c32, D = 2304, 729 tokens, 65,536 codes."""
+    vocab = 151_936 + 5 + 65_536  # Qwen3 vocabulary + <im_start>, <im_end>, <S0..S2> + image codes
+    return {
+        "ar": dict(vocab_size=vocab, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                   num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True),
+        "connector": dict(hidden_size=2048, width=2304),
+        "transformer": dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                            num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                            caption_channels=2304, sample_size=32, patch_size=1, qk_norm="rms_norm_across_heads"),
+        "vae": "dc-ae-f32c32",
+    }
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, configs: dict, config: Blip3oNextConfig | None = None) -> Blip3oNext:
+    """Fresh parts from configs (randomly initialised), around an already extended tokenizer."""
+    from .vae import dc_ae_f32c32_config, tiny_vae_config
+
+    image_tokenizer = ImageTokenizer(**configs["image_tokenizer"])
+    tokenizer, _ = extend_tokenizer(tokenizer, image_tokenizer.config.codebook_size)
+    vae_config = {"tiny": tiny_vae_config, "dc-ae-f32c32": dc_ae_f32c32_config}[configs["vae"]]() if isinstance(configs["vae"], str) else configs["vae"]
+    return Blip3oNext(
+        config or Blip3oNextConfig(image_size=image_tokenizer.config.image_size),
+        tokenizer,
+        image_tokenizer,
+        Qwen3ForCausalLM(Qwen3Config(**configs["ar"])),
+        Connector(**configs["connector"]),
+        SanaTransformer2DModel(**configs["transformer"]),
+        AutoencoderDC(**vae_config),
+        FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def meta_parameter_counts(configs: dict) -> dict[str, int]:
+    """Parameter count of each part, built on the meta device (no memory, no weights): checks full-size presets."""
+    from .vae import dc_ae_f32c32_config, tiny_vae_config
+
+    vae_config = {"tiny": tiny_vae_config, "dc-ae-f32c32": dc_ae_f32c32_config}[configs["vae"]]()
+    with torch.device("meta"):
+        parts = {
+            "ar": Qwen3ForCausalLM(Qwen3Config(**configs["ar"])),
+            "connector": Connector(**configs["connector"]),
+            "transformer": SanaTransformer2DModel(**configs["transformer"]),
+            "vae": AutoencoderDC(**vae_config),
+        }
+    return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}

@@ -1,0 +1,92 @@
+"""The whole model: joint loss, image-span checks, save -> load, checkpoint errors, and the next-3b preset's size."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast
+
+from blip3o_next.autoregressive import build_sequences
+from blip3o_next.modeling import (
+    Blip3oNext, CheckpointError, build_model, meta_parameter_counts, next3b_parts_configs, tiny_parts_configs,
+)
+from blip3o_next.text_tokenizer import train_text_tokenizer
+from blip3o_next.vae import encode_latents
+
+
+def small_configs(vocab_size):
+    cfg = tiny_parts_configs(vocab_size, codebook_size=32)
+    cfg["image_tokenizer"].update(channels=(16, 16, 16), code_dim=8)
+    cfg["ar"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    cfg["connector"].update(hidden_size=32, width=24)
+    cfg["transformer"].update(num_layers=1, num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
+                              cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=24)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    corpus = ["a photo of two red circles above a blue star", "make the green cross bigger"] * 30
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_text_tokenizer(corpus, vocab_size=300), pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    model = build_model(tok, small_configs(vocab_size=300 + 5 + 32))
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    codes = model.image_tokenizer.encode(images)
+    ids, mask, labels = build_sequences(model.tokenizer, model.image_vocab, ["a photo of a red circle", "a star"], codes, 32)
+    with torch.no_grad():
+        latents = encode_latents(model.vae, images)
+    return model.eval(), (ids, mask, labels, latents)
+
+
+def test_joint_loss(model_and_batch):
+    model, (ids, mask, labels, latents) = model_and_batch
+    out = model(ids, mask, labels, latents, torch.Generator().manual_seed(0))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert torch.allclose(out.loss, out.ce_loss + out.flow_matching_loss)
+    assert model.span_length == 65 and model.latent_shape == (8, 16, 16)
+
+
+def test_image_span_is_validated(model_and_batch):
+    model, (ids, *_rest) = model_and_batch
+    assert model.image_span(ids).shape == (2, 65)
+    broken = ids.clone()
+    broken[:, -5] = 3  # a text token inside the image span
+    with pytest.raises(ValueError, match="image tokens, expected 64"):
+        model.image_span(broken)
+
+
+def test_save_load_identical(model_and_batch, tmp_path):
+    model, batch = model_and_batch
+    model.save_pretrained(tmp_path / "ckpt")
+    again = Blip3oNext.from_pretrained(tmp_path / "ckpt")
+    a = model(*batch, generator=torch.Generator().manual_seed(1))
+    b = again(*batch, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.loss, b.loss)
+    assert not list(tmp_path.glob(".ckpt.*"))  # no temporary folder left behind
+
+
+def test_checkpoint_errors_name_the_file_and_tensor(model_and_batch, tmp_path):
+    model, _ = model_and_batch
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "connector" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["proj_out.weight"] = torch.zeros(3, 3)
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match="proj_out.weight"):
+        Blip3oNext.from_pretrained(tmp_path / "ckpt")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="connector"):
+        Blip3oNext.from_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "blip3o_config.json").unlink()
+    with pytest.raises(CheckpointError, match="blip3o_config.json"):
+        Blip3oNext.from_pretrained(tmp_path / "ckpt")
+
+
+def test_next3b_preset_size_on_meta_device():
+    counts = meta_parameter_counts(next3b_parts_configs())
+    # Qwen3-1.7B (tied embeddings) with 65,541 added tokens; SANA 1.5 1.6B; DC-AE f32c32; the 2048 -> 2304 connector.
+    assert 1.8e9 < counts["ar"] < 2.0e9
+    assert 1.5e9 < counts["transformer"] < 1.7e9
+    assert 2.5e8 < counts["vae"] < 4.0e8
+    assert counts["connector"] == 2048 * 2304 + 2304 + 2304 * 2304 + 2304 + 2304
