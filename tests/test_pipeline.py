@@ -1,0 +1,38 @@
+"""Generation end to end with a tiny random model: determinism, outputs, prompt truncation, bad input."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from blip3o_next.autoregressive import SamplingConfig
+from blip3o_next.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(model_and_batch):
+    return Pipeline(model_and_batch[0])
+
+
+def test_generation_is_seeded(pipe):
+    a = pipe(["a photo of a red circle", "a star"], seed=3, num_inference_steps=3)
+    b = pipe(["a photo of a red circle", "a star"], seed=3, num_inference_steps=3)
+    c = pipe(["a photo of a red circle", "a star"], seed=4, num_inference_steps=3)
+    assert len(a.images) == 2 and a.images[0].size == (64, 64) and a.blueprint_previews[0].size == (64, 64)
+    assert torch.equal(a.blueprints, b.blueprints) and np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert not torch.equal(a.blueprints, c.blueprints)
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        out = pipe("a red circle " * 2000, seed=0, num_inference_steps=2, sampling=SamplingConfig(temperature=0))
+    assert len(out.images) == 1 and "truncated" in caplog.text
+
+
+def test_bad_input(pipe):
+    for bad in ("", "   ", []):
+        with pytest.raises(ValueError):
+            pipe(bad)
+    with pytest.raises(ValueError):
+        pipe("a star", num_inference_steps=0)
