@@ -143,6 +143,18 @@ def cmd_eval_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, train
+
+    cfg = TrainConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps)
+    out = train(cfg)
+    print(f"wrote {out}/ (checkpoints, final/, metrics.csv, loss_curves.png, samples-*.png, tensorboard/)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -184,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .shapeworld.degrade import DEGRADATIONS
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = _Parser(prog="blip3o", description="BLIP3o-NEXT: ShapeWorld data engine, verifier and scorers.", formatter_class=fmt)
+    parser = _Parser(prog="blip3o", description="BLIP3o-NEXT: training, the ShapeWorld data engine, verifier and scorers.", formatter_class=fmt)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -215,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0, help="random seed")
     export.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
     export.set_defaults(func=cmd_data_export)
+
+    tr = commands.add_parser(
+        "train", help="run a training stage (image_tokenizer, vae, pretrain, sft) from a YAML config", formatter_class=fmt,
+        description="Train one stage; resumes from the newest checkpoint in the output folder. Runs under "
+        "`accelerate launch` or `torchrun` for several processes.",
+    )
+    tr.add_argument("--config", required=True, metavar="YAML", help="the stage's settings (fields of blip3o_next.trainer.TrainConfig)")
+    tr.add_argument("--output-dir", help="override the config's output_dir")
+    tr.add_argument("--steps", type=_positive, help="override the config's number of steps")
+    tr.set_defaults(func=cmd_train)
 
     ev = commands.add_parser("eval", help="score images with the verifier", formatter_class=fmt)
     ev_cmds = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)

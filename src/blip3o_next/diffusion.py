@@ -13,7 +13,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
+
+Generators = torch.Generator | list[torch.Generator] | None  # a list gives each sample its own stream
+
+
+def uniform(n: int, generator: Generators, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n draws from U(0, 1); with a list of generators, draw i comes from generator i (independent of batching)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g) for g in generator]).to(device, dtype)
+    return torch.rand(n, generator=generator).to(device, dtype)
 
 
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -22,11 +32,11 @@ def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tens
     return (1.0 - s) * latents + s * noise
 
 
-def drop_condition(condition: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_condition(condition: torch.Tensor, probability: float, generator: Generators = None) -> torch.Tensor:
     """Zero each sample's AR condition with `probability` (teaches the unconditional branch used by CFG)."""
     if probability <= 0:
         return condition
-    keep = torch.rand(condition.shape[0], generator=generator, device="cpu").to(condition.device) >= probability
+    keep = uniform(condition.shape[0], generator, condition.device) >= probability
     return condition * keep.view(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
 
 
@@ -35,12 +45,11 @@ def flow_matching_loss(
     latents: torch.Tensor,
     condition: torch.Tensor,
     num_train_timesteps: int = 1000,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """MSE between the predicted and true velocity at uniformly drawn noise levels."""
-    b = latents.shape[0]
-    sigmas = torch.rand(b, generator=generator, device="cpu").to(latents.device, latents.dtype)
-    noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents.device, latents.dtype)
+    sigmas = uniform(latents.shape[0], generator, latents.device, latents.dtype)
+    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     pred = transformer(noisy_latents(latents, noise, sigmas), encoder_hidden_states=condition, timestep=sigmas * num_train_timesteps).sample
     return F.mse_loss(pred.float(), (noise - latents).float())
 
@@ -53,7 +62,7 @@ def sample_latents(
     latent_shape: tuple[int, int, int],
     num_steps: int = 30,
     guidance_scale: float = 2.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     latents: torch.Tensor | None = None,
     progress: bool = False,
     model_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -67,7 +76,7 @@ def sample_latents(
     scheduler.set_timesteps(num_steps, device=condition.device)
     b = condition.shape[0]
     if latents is None:
-        latents = torch.randn((b, *latent_shape), generator=generator, device="cpu").to(condition.device, condition.dtype)
+        latents = randn_tensor((b, *latent_shape), generator=generator, device=condition.device, dtype=condition.dtype)
     use_cfg = guidance_scale != 1.0
     cond = torch.cat([torch.zeros_like(condition), condition]) if use_cfg else condition
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="diffusion", leave=False):

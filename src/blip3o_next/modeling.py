@@ -143,13 +143,17 @@ class Blip3oNext(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         latents: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Blip3oNextOutput:
         """Joint loss: next-token CE over text and image tokens + flow matching conditioned on the image span."""
         out = self.ar.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
         hidden = out.last_hidden_state  # (B, T, H)
         logits = self.ar.lm_head(hidden[:, :-1])
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        targets = labels[:, 1:]
+        token_ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        valid = (targets != -100).float()
+        # Mean per sequence, then over the batch: the same loss however the batch is split across processes.
+        ce = ((token_ce.view_as(valid) * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
         index = self.image_span(input_ids)
         span = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         condition = self.connector(drop_condition(span, self.config.condition_dropout if self.training else 0.0, generator))
@@ -241,30 +245,41 @@ def next3b_parts_configs() -> dict[str, dict]:
     }
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, configs: dict, config: Blip3oNextConfig | None = None) -> Blip3oNext:
-    """Fresh parts from configs (randomly initialised), around an already extended tokenizer."""
+def _vae_config(spec: str | dict) -> dict:
     from .vae import dc_ae_f32c32_config, tiny_vae_config
 
-    image_tokenizer = ImageTokenizer(**configs["image_tokenizer"])
+    return {"tiny": tiny_vae_config, "dc-ae-f32c32": dc_ae_f32c32_config}[spec]() if isinstance(spec, str) else spec
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerFast,
+    configs: dict,
+    config: Blip3oNextConfig | None = None,
+    image_tokenizer: ImageTokenizer | None = None,
+    vae: AutoencoderDC | None = None,
+) -> Blip3oNext:
+    """New AR model, connector and transformer from configs, around the given (or new) tokenizer parts and VAE.
+
+    The tokenizer is extended for the image codebook; the AR vocabulary grows to fit it.
+    """
+    image_tokenizer = image_tokenizer or ImageTokenizer(**configs["image_tokenizer"])
     tokenizer, _ = extend_tokenizer(tokenizer, image_tokenizer.config.codebook_size)
-    vae_config = {"tiny": tiny_vae_config, "dc-ae-f32c32": dc_ae_f32c32_config}[configs["vae"]]() if isinstance(configs["vae"], str) else configs["vae"]
+    ar_config = {**configs["ar"], "vocab_size": max(configs["ar"].get("vocab_size", 0), len(tokenizer))}
     return Blip3oNext(
         config or Blip3oNextConfig(image_size=image_tokenizer.config.image_size),
         tokenizer,
         image_tokenizer,
-        Qwen3ForCausalLM(Qwen3Config(**configs["ar"])),
+        Qwen3ForCausalLM(Qwen3Config(**ar_config)),
         Connector(**configs["connector"]),
         SanaTransformer2DModel(**configs["transformer"]),
-        AutoencoderDC(**vae_config),
+        vae or AutoencoderDC(**_vae_config(configs["vae"])),
         FlowMatchEulerDiscreteScheduler(),
     )
 
 
 def meta_parameter_counts(configs: dict) -> dict[str, int]:
     """Parameter count of each part, built on the meta device (no memory, no weights): checks full-size presets."""
-    from .vae import dc_ae_f32c32_config, tiny_vae_config
-
-    vae_config = {"tiny": tiny_vae_config, "dc-ae-f32c32": dc_ae_f32c32_config}[configs["vae"]]()
+    vae_config = _vae_config(configs["vae"])
     with torch.device("meta"):
         parts = {
             "ar": Qwen3ForCausalLM(Qwen3Config(**configs["ar"])),

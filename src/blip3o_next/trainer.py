@@ -1,0 +1,501 @@
+"""Training on accelerate: one loop for every stage (image tokenizer, VAE, pretrain, SFT), configured by YAML.
+
+Reads like nanoGPT's train.py: settings, data, model, optimizer, then the loop. Runs unchanged under
+`accelerate launch` or `torchrun` (DDP; gloo on CPU). The data is one global stream indexed by sample
+position: every step takes the next `batch_size` samples and each process its contiguous slice, so a run with
+N processes sees exactly the batches of a single-process run.
+
+Checkpoints (`output_dir/checkpoint-<step>/`) hold the model in its Hugging Face format, the optimizer state
+and RNG states in safetensors, and the step, data position and LR-scheduler state in JSON. They are written to a
+temporary folder and renamed into place, so a run killed at any moment resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .fileio import InputError
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("image_tokenizer", "vae", "pretrain", "sft")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (YAML keys are these field names; unknown keys are rejected)."""
+
+    stage: str = field(default="pretrain", metadata={"help": f"one of {', '.join(STAGES)}"})
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "checkpoints, metrics.csv, TensorBoard logs and PNGs go here"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "global batch (split across processes)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor, as a fraction of lr"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 disables)"})
+    seed: int = field(default=0, metadata={"help": "seeds the data stream, initialisation and noise"})
+    canvas: int = field(default=64, metadata={"help": "image size in px"})
+    paraphrase_probability: float = field(default=0.5, metadata={"help": "share of captions that are paraphrases"})
+    category_weights: dict[str, float] | None = field(default=None, metadata={"help": "t2i category mix (default: all)"})
+    checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "older checkpoints are deleted"})
+    log_every: int = field(default=10, metadata={"help": "steps between metric rows"})
+    mixed_precision: str = field(default="no", metadata={"help": "no / fp16 / bf16 (accelerate)"})
+    init_from: str | None = field(default=None, metadata={"help": "sft: the pretrained model folder"})
+    text_tokenizer_dir: str | None = field(default=None, metadata={"help": "pretrain: the trained text tokenizer folder"})
+    image_tokenizer_dir: str | None = field(default=None, metadata={"help": "pretrain: the trained image tokenizer folder"})
+    vae_dir: str | None = field(default=None, metadata={"help": "pretrain: the trained VAE folder"})
+    parts: dict[str, Any] = field(default_factory=dict, metadata={"help": "overrides of the tiny preset's part configs"})
+    model: dict[str, Any] = field(default_factory=dict, metadata={"help": "Blip3oNextConfig fields (loss weights, dropout)"})
+    max_prompt_tokens: int = field(default=64, metadata={"help": "longer captions keep their first tokens"})
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
+        if self.stage == "sft" and not self.init_from:
+            raise ValueError("the sft stage needs init_from (a pretrained model folder)")
+        if self.stage == "pretrain" and not (self.text_tokenizer_dir and self.image_tokenizer_dir and self.vae_dir):
+            raise ValueError("the pretrain stage needs text_tokenizer_dir, image_tokenizer_dir and vae_dir")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise InputError(f"{path}: cannot read the config ({str(e).splitlines()[0]})") from None
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Stage(Protocol):
+    module: nn.Module  # what the optimizer trains (its frozen parts have requires_grad False)
+
+    def loss(self, model: nn.Module, samples: list[dict], generators: list[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def save(self, module: nn.Module, path: Path) -> None: ...
+
+    def load_weights(self, path: Path) -> None: ...
+
+    def preview(self, module: nn.Module, samples: list[dict]) -> np.ndarray: ...
+
+
+def _images(samples: list[dict]) -> torch.Tensor:
+    from .image_tokenizer import images_to_tensor
+
+    return images_to_tensor(np.stack([s["image"] for s in samples]))
+
+
+class ImageTokenizerStage:
+    """The VQ image tokenizer with its semantic objective; also trains the text tokenizer once, up front."""
+
+    def __init__(self, cfg: TrainConfig):
+        from .image_tokenizer import ImageTokenizer
+
+        self.module = ImageTokenizer(image_size=cfg.canvas, **cfg.parts.get("image_tokenizer", {}))
+
+    def loss(self, model, samples, generators):
+        from .image_tokenizer import semantic_batch
+        from .shapeworld.world import Scene
+
+        scenes = [Scene.from_dict(s["scene"]) for s in samples]
+        out = model(_images(samples).to(next(model.parameters()).device), *[t.to(next(model.parameters()).device) for t in semantic_batch(scenes, self.module.grid)])
+        return out.loss, out.losses
+
+    def save(self, module, path):
+        module.save_pretrained(path)
+
+    def load_weights(self, path):
+        from .image_tokenizer import ImageTokenizer
+
+        self.module.load_state_dict(ImageTokenizer.from_pretrained(path).state_dict())
+
+    def preview(self, module, samples):
+        from .image_tokenizer import tensor_to_images
+
+        x = _images(samples)
+        return np.concatenate([tensor_to_images(x), tensor_to_images(module.decode(module.encode(x)))], axis=2)
+
+
+class VaeStage:
+    """DC-AE trained as a plain autoencoder (DC-AE has no KL term), L1 + MSE."""
+
+    def __init__(self, cfg: TrainConfig):
+        from diffusers import AutoencoderDC
+
+        from .vae import tiny_vae_config
+
+        self.module = AutoencoderDC(**{**tiny_vae_config(), **cfg.parts.get("vae", {})})
+
+    def loss(self, model, samples, generators):
+        x = _images(samples).to(next(model.parameters()).device)
+        rec = model(x).sample
+        l1, mse = (rec - x).abs().mean(), ((rec - x) ** 2).mean()
+        return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
+
+    def save(self, module, path):
+        module.save_pretrained(path)
+
+    def load_weights(self, path):
+        from diffusers import AutoencoderDC
+
+        self.module.load_state_dict(AutoencoderDC.from_pretrained(path).state_dict())
+
+    def preview(self, module, samples):
+        from .image_tokenizer import tensor_to_images
+
+        x = _images(samples)
+        return np.concatenate([tensor_to_images(x), tensor_to_images(module(x).sample.clamp(-1, 1))], axis=2)
+
+
+class ModelStage:
+    """Pretrain / SFT of the AR model, connector and diffusion transformer; tokenizer and VAE frozen."""
+
+    def __init__(self, cfg: TrainConfig):
+        from diffusers import AutoencoderDC
+        from transformers import PreTrainedTokenizerFast
+
+        from .image_tokenizer import ImageTokenizer
+        from .modeling import Blip3oNext, Blip3oNextConfig, build_model, tiny_parts_configs
+
+        self.cfg = cfg
+        if cfg.stage == "sft":
+            model = Blip3oNext.from_pretrained(cfg.init_from)
+            model.config = dataclasses.replace(model.config, **cfg.model)
+        else:
+            tok = PreTrainedTokenizerFast.from_pretrained(cfg.text_tokenizer_dir)
+            image_tokenizer = ImageTokenizer.from_pretrained(cfg.image_tokenizer_dir)
+            vae = AutoencoderDC.from_pretrained(cfg.vae_dir)
+            configs = tiny_parts_configs(vocab_size=0, codebook_size=image_tokenizer.config.codebook_size)
+            for name, override in cfg.parts.items():
+                configs[name].update(override)
+            model = build_model(tok, configs, Blip3oNextConfig(image_size=cfg.canvas, **cfg.model), image_tokenizer=image_tokenizer, vae=vae)
+        for part in (model.image_tokenizer, model.vae):
+            part.requires_grad_(False).eval()
+        self.module = model
+
+    def loss(self, model, samples, generators):
+        from .autoregressive import build_sequences
+        from .vae import encode_latents
+
+        core = self.module
+        core.image_tokenizer.eval()  # frozen: eval mode also stops the VQ codebook's EMA updates
+        core.vae.eval()
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        x = _images(samples).to(device)
+        with torch.no_grad():
+            codes = core.image_tokenizer.encode(x)
+            latents = encode_latents(core.vae, x)
+        ids, mask, labels = build_sequences(core.tokenizer, core.image_vocab, [s["caption"] for s in samples], codes, self.cfg.max_prompt_tokens)
+        out = model(ids.to(device), mask.to(device), labels.to(device), latents, generators)
+        return out.loss, {"ce": out.ce_loss.item(), "flow_matching": out.flow_matching_loss.item()}
+
+    def save(self, module, path):
+        module.save_pretrained(path)
+
+    def load_weights(self, path):
+        from .modeling import Blip3oNext
+
+        self.module.load_state_dict(Blip3oNext.from_pretrained(path).state_dict())
+
+    def preview(self, module, samples):
+        from .pipeline import Pipeline
+
+        out = Pipeline(module)([s["prompt"] for s in samples], seed=0, num_inference_steps=10)
+        truth = np.stack([s["image"] for s in samples])
+        return np.concatenate([truth, np.stack([np.asarray(i) for i in out.images]), np.stack([np.asarray(i) for i in out.blueprint_previews])], axis=2)
+
+
+def make_stage(cfg: TrainConfig) -> Stage:
+    return {"image_tokenizer": ImageTokenizerStage, "vae": VaeStage, "pretrain": ModelStage, "sft": ModelStage}[cfg.stage](cfg)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and the rest (JSON): no pickle."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(output_dir: Path, step: int, stage: Stage, module: nn.Module, optimizer, scheduler, data_position: int) -> Path:
+    """Write checkpoint-<step> atomically (temporary folder, then rename)."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
+    try:
+        stage.save(module, tmp / "model")
+        tensors, meta = _optimizer_to_files(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))  # e.g. VQ dead-code resampling
+        state = {"step": step, "data_position": data_position, "optimizer": meta, "scheduler": scheduler.state_dict()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted(p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler) -> tuple[int, int]:
+    """Restore weights, optimizer, scheduler and RNG; returns (step, data position)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    stage.load_weights(path / "model")
+    _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    return state["step"], state["data_position"]
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def global_batch(cfg: TrainConfig, position: int, rank: int, world: int) -> list[dict]:
+    """This process's contiguous slice of the global batch starting at `position` in the sample stream.
+
+    Each sample carries its stream index, which keys its training noise (see `sample_generators`).
+    """
+    from .shapeworld.dataset import t2i_samples
+
+    per_rank = cfg.batch_size // world
+    start = position + rank * per_rank
+    stream = t2i_samples(cfg.seed, cfg.canvas, cfg.category_weights, cfg.paraphrase_probability, start=start)
+    return [{**s, "index": start + i} for i, s in enumerate(islice(stream, per_rank))]
+
+
+def sample_generators(cfg: TrainConfig, samples: list[dict]) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, stream index): noise and condition dropout then depend on
+    neither the process count nor the resume point."""
+    seeds = [int(np.random.SeedSequence([cfg.seed, 1, s["index"]]).generate_state(1)[0]) for s in samples]
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
+    """Run (or resume) a training stage; returns the output folder. `stop_after` ends this run early (tests)."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over {accelerator.num_processes} processes")
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    accelerator.wait_for_everyone()
+    torch.manual_seed(cfg.seed)
+    if cfg.stage == "image_tokenizer" and accelerator.is_main_process and not (out / "text_tokenizer").is_dir():
+        save_text_tokenizer(out / "text_tokenizer", cfg)
+    stage = make_stage(cfg)
+    params = [p for p in stage.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    step, position = 0, 0
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        step, position = load_checkpoint(resume, stage, optimizer, scheduler)
+        logger.info("resumed from %s (step %d)", resume, step)
+    model, optimizer = accelerator.prepare(stage.module, optimizer)
+    metrics = MetricsLog(out, enabled=accelerator.is_main_process)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not accelerator.is_main_process, desc=cfg.stage)
+    run_steps = 0
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        samples = global_batch(cfg, position, accelerator.process_index, accelerator.num_processes)
+        model.train()
+        loss, parts = stage.loss(model, samples, sample_generators(cfg, samples))
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        run_steps += 1
+        position += cfg.batch_size
+        mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+        parts = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), reduction="mean").item() for k, v in parts.items()}
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics.add(step, {"loss": mean_loss, **parts, "lr": scheduler.get_last_lr()[0], "samples_per_s": cfg.batch_size / (time.perf_counter() - t0)})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(model)
+                save_checkpoint(out, step, stage, unwrapped, optimizer, scheduler, position)
+                prune_checkpoints(out, cfg.keep_checkpoints)
+                metrics.plot()
+                save_preview(out / f"samples-{step:07d}.png", stage, unwrapped, cfg)
+            accelerator.wait_for_everyone()
+        if stop_after is not None and run_steps >= stop_after:
+            break
+    bar.close()
+    metrics.close()
+    check_replicas(accelerator, params, out)
+    if step >= cfg.steps and accelerator.is_main_process:
+        stage.save(accelerator.unwrap_model(model), out / "final")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def check_replicas(accelerator: Accelerator, params: list[torch.Tensor], out: Path) -> None:
+    """With several processes, compare a checksum of every replica's parameters; record them in replicas.json."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    sums = accelerator.gather(checksum).tolist()
+    if accelerator.is_main_process:
+        (out / "replicas.json").write_text(json.dumps({"checksums": sums, "identical": len(set(sums)) == 1}))
+        if len(set(sums)) != 1:
+            logger.error("model replicas diverged: parameter checksums %s", sums)
+
+
+def save_text_tokenizer(path: Path, cfg: TrainConfig) -> None:
+    """Train the text tokenizer on data-engine text (with the image vocabulary of this tokenizer's codebook)."""
+    from .text_tokenizer import build_text_tokenizer
+
+    codebook = cfg.parts.get("image_tokenizer", {}).get("codebook_size", 512)
+    tok, _ = build_text_tokenizer(codebook, vocab_size=cfg.parts.get("text_vocab_size", 1024), seed=cfg.seed)
+    tok.save_pretrained(path)
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    found = sorted(p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    for old in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_preview(path: Path, stage: Stage, module: nn.Module, cfg: TrainConfig) -> None:
+    """A sample grid: held-out samples beside what the stage's module makes of them."""
+    from .fileio import save_png
+    from .viz import image_grid
+
+    samples = global_batch(dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 10_000, paraphrase_probability=0.0), 0, 0, 1)
+    module.eval()
+    with torch.no_grad():
+        strips = stage.preview(module, samples)
+    save_png(path, image_grid([[s] for s in strips], [s["prompt"] for s in samples], tile=strips.shape[1] * 2, columns=2))
+
+
+class MetricsLog:
+    """metrics.csv and TensorBoard scalars (main process only), and a PNG of the loss curves."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.out, self.enabled = out, enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        path = self.out / "metrics.csv"
+        rows = self._rows()
+        rows = [r for r in rows if int(r["step"]) < step] + [{"step": step, **values}]  # a resumed run rewrites its tail
+        keys = ["step"] + sorted({k for r in rows for k in r} - {"step"})
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def _rows(self) -> list[dict]:
+        path = self.out / "metrics.csv"
+        if not path.is_file():
+            return []
+        with open(path) as f:
+            return list(csv.DictReader(f))
+
+    def plot(self) -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self._rows()
+        if not rows:
+            return
+        keys = [k for k in rows[0] if k not in ("step", "lr", "samples_per_s")]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [int(r["step"]) for r in rows]
+        for k in keys:
+            ax.plot(steps, [float(r[k]) if r.get(k) not in (None, "") else float("nan") for r in rows], label=k)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title("training losses")
+        fig.tight_layout()
+        fig.savefig(self.out / "loss_curves.png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
