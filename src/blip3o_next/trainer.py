@@ -429,7 +429,8 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 
 def save_preview(path: Path, stage: Stage, module: nn.Module, cfg: TrainConfig) -> None:
-    """A sample grid: held-out samples beside what the stage's module makes of them."""
+    """A sample grid: held-out samples beside what the stage's module makes of them
+    (reconstructions; or generated image and blueprint preview)."""
     from .fileio import save_png
     from .viz import image_grid
 
@@ -437,7 +438,8 @@ def save_preview(path: Path, stage: Stage, module: nn.Module, cfg: TrainConfig) 
     module.eval()
     with torch.no_grad():
         strips = stage.preview(module, samples)
-    save_png(path, image_grid([[s] for s in strips], [s["prompt"] for s in samples], tile=strips.shape[1] * 2, columns=2))
+    cells = [np.split(strip, strip.shape[1] // strip.shape[0], axis=1) for strip in strips]  # square images side by side
+    save_png(path, image_grid(cells, [s["prompt"] for s in samples], tile=128, columns=2))
 
 
 class MetricsLog:
