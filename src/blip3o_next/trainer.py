@@ -119,8 +119,20 @@ def _images(samples: list[dict]) -> torch.Tensor:
     return images_to_tensor(np.stack([s["image"] for s in samples]))
 
 
-class ImageTokenizerStage:
-    """The VQ image tokenizer with its semantic objective; also trains the text tokenizer once, up front."""
+class PretrainedModuleStage:
+    """Saving and reloading a stage's module, which (like every part) has save_pretrained / from_pretrained."""
+
+    module: nn.Module
+
+    def save(self, module: nn.Module, path: Path) -> None:
+        module.save_pretrained(path)
+
+    def load_weights(self, path: Path) -> None:
+        self.module.load_state_dict(type(self.module).from_pretrained(path).state_dict())
+
+
+class ImageTokenizerStage(PretrainedModuleStage):
+    """The VQ image tokenizer with its semantic objective (the text tokenizer is trained up front by `train`)."""
 
     def __init__(self, cfg: TrainConfig):
         from .image_tokenizer import ImageTokenizer
@@ -131,17 +143,10 @@ class ImageTokenizerStage:
         from .image_tokenizer import semantic_batch
         from .shapeworld.world import Scene
 
-        scenes = [Scene.from_dict(s["scene"]) for s in samples]
-        out = model(_images(samples).to(next(model.parameters()).device), *[t.to(next(model.parameters()).device) for t in semantic_batch(scenes, self.module.grid)])
+        device = next(model.parameters()).device
+        labels = semantic_batch([Scene.from_dict(s["scene"]) for s in samples], self.module.grid)
+        out = model(_images(samples).to(device), *(t.to(device) for t in labels))
         return out.loss, out.losses
-
-    def save(self, module, path):
-        module.save_pretrained(path)
-
-    def load_weights(self, path):
-        from .image_tokenizer import ImageTokenizer
-
-        self.module.load_state_dict(ImageTokenizer.from_pretrained(path).state_dict())
 
     def preview(self, module, samples):
         from .image_tokenizer import tensor_to_images
@@ -150,7 +155,7 @@ class ImageTokenizerStage:
         return np.concatenate([tensor_to_images(x), tensor_to_images(module.decode(module.encode(x)))], axis=2)
 
 
-class VaeStage:
+class VaeStage(PretrainedModuleStage):
     """DC-AE trained as a plain autoencoder (DC-AE has no KL term), L1 + MSE."""
 
     def __init__(self, cfg: TrainConfig):
@@ -166,14 +171,6 @@ class VaeStage:
         l1, mse = (rec - x).abs().mean(), ((rec - x) ** 2).mean()
         return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
 
-    def save(self, module, path):
-        module.save_pretrained(path)
-
-    def load_weights(self, path):
-        from diffusers import AutoencoderDC
-
-        self.module.load_state_dict(AutoencoderDC.from_pretrained(path).state_dict())
-
     def preview(self, module, samples):
         from .image_tokenizer import tensor_to_images
 
@@ -181,7 +178,7 @@ class VaeStage:
         return np.concatenate([tensor_to_images(x), tensor_to_images(module(x).sample.clamp(-1, 1))], axis=2)
 
 
-class ModelStage:
+class ModelStage(PretrainedModuleStage):
     """Pretrain / SFT of the AR model, connector and diffusion transformer; tokenizer and VAE frozen."""
 
     def __init__(self, cfg: TrainConfig):
@@ -222,14 +219,6 @@ class ModelStage:
         ids, mask, labels = build_sequences(core.tokenizer, core.image_vocab, [s["caption"] for s in samples], codes, self.cfg.max_prompt_tokens)
         out = model(ids.to(device), mask.to(device), labels.to(device), latents, generators)
         return out.loss, {"ce": out.ce_loss.item(), "flow_matching": out.flow_matching_loss.item()}
-
-    def save(self, module, path):
-        module.save_pretrained(path)
-
-    def load_weights(self, path):
-        from .modeling import Blip3oNext
-
-        self.module.load_state_dict(Blip3oNext.from_pretrained(path).state_dict())
 
     def preview(self, module, samples):
         from .pipeline import Pipeline
