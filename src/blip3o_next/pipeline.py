@@ -37,13 +37,18 @@ class PipelineOutput:
 class Pipeline:
     """Registers a model's parts by name and runs generation; owns no weights of its own."""
 
-    def __init__(self, model: Blip3oNext, device: str | torch.device = "cpu"):
+    def __init__(self, model: Blip3oNext, device: str | torch.device = "cpu", compile_transformer: bool = False):
+        """`compile_transformer` runs the diffusion transformer through torch.compile: about 2x faster steps on a
+        CPU after a one-off compilation (tens of seconds), worth it for servers and long evaluations."""
         self.model = model.eval().to(device)
         self.device = torch.device(device)
+        self.transformer = torch.compile(self.model.transformer) if compile_transformer else self.model.transformer
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None) -> "Pipeline":
-        return cls(Blip3oNext.from_pretrained(path, torch_dtype=torch_dtype), device)
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None, compile_transformer: bool = False
+    ) -> "Pipeline":
+        return cls(Blip3oNext.from_pretrained(path, torch_dtype=torch_dtype), device, compile_transformer)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)
@@ -105,7 +110,7 @@ class Pipeline:
         condition = self.model.connector(bp.hidden_states)
         # 5. CFG flow-matching sampling
         latents = sample_latents(
-            self.model.transformer, self.model.scheduler.config, condition, self.model.latent_shape,
+            self.transformer, self.model.scheduler.config, condition, self.model.latent_shape,
             num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
         )
         # 6. decode
