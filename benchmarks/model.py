@@ -104,8 +104,9 @@ class ImageTokensOnly(LogitsProcessor):
 
 
 @torch.no_grad()
-def official_style(pipe: Pipeline, prompts: list[str], seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """HF generate -> a second full forward for the hidden states -> CFG diffusion -> decode."""
+def official_style_blueprint(pipe: Pipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AR part of the official style: HF generate, then a second full forward for the hidden states.
+    Returns (image codes, last-layer hidden states of the whole sequence)."""
     m = pipe.model
     ids, mask = image_span_prefix(*pipe.tokenize(prompts), m.image_vocab)
     out = m.ar.generate(
@@ -115,24 +116,18 @@ def official_style(pipe: Pipeline, prompts: list[str], seed: int) -> tuple[torch
     )
     full_mask = torch.cat([mask, torch.ones_like(out[:, ids.shape[1] :])], 1)
     hidden = m.ar(input_ids=out, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask), output_hidden_states=True).hidden_states[-1]
-    span = hidden[:, -(m.num_image_tokens + 1) :]
-    latents = sample_latents(m.transformer, m.scheduler.config, m.connector(span), m.latent_shape, m.config.num_inference_steps,
-                             m.config.guidance_scale, torch.Generator().manual_seed(seed))
-    return out[:, ids.shape[1] :] - m.image_vocab.image_offset, tensor_to_images(decode_latents(m.vae, latents))
+    return out[:, ids.shape[1] :] - m.image_vocab.image_offset, hidden
 
 
 @torch.no_grad()
-def official_style_blueprint(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
-    """Only the AR part of the official style: HF generate, then the second full forward for the hidden states."""
+def official_style(pipe: Pipeline, prompts: list[str], seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """HF generate -> a second full forward for the hidden states -> CFG diffusion -> decode."""
     m = pipe.model
-    ids, mask = image_span_prefix(*pipe.tokenize(prompts), m.image_vocab)
-    out = m.ar.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=m.num_image_tokens, min_new_tokens=m.num_image_tokens, do_sample=False,
-        logits_processor=LogitsProcessorList([ImageTokensOnly(m.image_vocab.image_offset, m.image_vocab.vocab_end)]),
-        pad_token_id=m.tokenizer.pad_token_id,
-    )
-    full_mask = torch.cat([mask, torch.ones_like(out[:, ids.shape[1] :])], 1)
-    return m.ar(input_ids=out, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask), output_hidden_states=True).hidden_states[-1]
+    codes, hidden = official_style_blueprint(pipe, prompts)
+    span = hidden[:, -(m.num_image_tokens + 1) :]
+    latents = sample_latents(m.transformer, m.scheduler.config, m.connector(span), m.latent_shape, m.config.num_inference_steps,
+                             m.config.guidance_scale, torch.Generator().manual_seed(seed))
+    return codes, tensor_to_images(decode_latents(m.vae, latents))
 
 
 def generation_benchmark(pipe: Pipeline, compiled: Pipeline, batch: int, repeats: int) -> dict[str, float]:
