@@ -1,10 +1,14 @@
+from itertools import islice
+
 import numpy as np
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
 from blip3o_next.autoregressive import build_sequences
+from blip3o_next.image_tokenizer import images_to_tensor
 from blip3o_next.modeling import build_model, tiny_parts_configs
+from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.text_tokenizer import train_text_tokenizer
 from blip3o_next.vae import encode_latents
 
@@ -17,7 +21,7 @@ def rng() -> np.random.Generator:
 def small_configs(vocab_size: int) -> dict:
     """A much smaller tiny preset: every part at toy width, for fast tests."""
     cfg = tiny_parts_configs(vocab_size, codebook_size=32)
-    cfg["image_tokenizer"].update(channels=(16, 16, 16), code_dim=8)
+    cfg["image_tokenizer"].update(channels=(16, 16), code_dim=8)
     cfg["ar"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     cfg["connector"].update(hidden_size=32, width=24)
     cfg["transformer"].update(num_layers=1, num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
@@ -32,7 +36,8 @@ def model_and_batch():
     tok = PreTrainedTokenizerFast(tokenizer_object=train_text_tokenizer(corpus, vocab_size=300), pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(0)
     model = build_model(tok, small_configs(vocab_size=300 + 5 + 32))
-    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    samples = list(islice(t2i_samples(0, 64), 2))
+    images = images_to_tensor(np.stack([s["image"] for s in samples]))
     codes = model.image_tokenizer.encode(images)
     ids, mask, labels = build_sequences(model.tokenizer, model.image_vocab, ["a photo of a red circle", "a star"], codes, 32)
     with torch.no_grad():

@@ -46,7 +46,7 @@ def test_cell_labels_follow_the_scene():
 
 def test_image_tokenizer_shapes_and_determinism():
     torch.manual_seed(0)
-    tok = ImageTokenizer(channels=(16, 16, 16), code_dim=8, codebook_size=32)
+    tok = ImageTokenizer(channels=(16, 16), code_dim=8, codebook_size=32)
     scenes = [Scene(64, "gray", (ShapeObject("circle", "blue", 30.0, 30.0, 18.0),))] * 2
     x = images_to_tensor(np.stack([render(s) for s in scenes]))
     out = tok(x, *semantic_batch(scenes, tok.grid))

@@ -82,8 +82,10 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
 
     Args:
         image_size: input side in px.
+        patch_size: side of the non-overlapping patches the first layer embeds (a cheap stem: no layer runs
+            at full resolution).
         channels: encoder widths; each stage after the first halves the resolution, so the grid is
-            image_size / 2**(len(channels)).
+            image_size / (patch_size * 2**(len(channels) - 1)).
         code_dim: dimension of the quantised codes.
         codebook_size: number of codes (image-token vocabulary).
         commitment_weight, ema_decay, dead_code_threshold: VQ settings (vector-quantize-pytorch).
@@ -94,7 +96,8 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
     def __init__(
         self,
         image_size: int = 64,
-        channels: tuple[int, ...] = (64, 96, 128),
+        patch_size: int = 4,
+        channels: tuple[int, ...] = (64, 128),
         code_dim: int = 32,
         codebook_size: int = 512,
         commitment_weight: float = 0.25,
@@ -105,8 +108,8 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         channels = tuple(channels)  # JSON configs hand back lists
-        enc: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1)]
-        for c_in, c_out in zip(channels, channels[1:] + (channels[-1],)):
+        enc: list[nn.Module] = [nn.Conv2d(3, channels[0], patch_size, stride=patch_size)]
+        for c_in, c_out in zip(channels, channels[1:]):
             enc += [ResBlock(c_in), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
         enc += [ResBlock(channels[-1]), nn.GroupNorm(8, channels[-1]), nn.SiLU(), nn.Conv2d(channels[-1], code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
@@ -116,16 +119,16 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
         )
         dec: list[nn.Module] = [nn.Conv2d(code_dim, channels[-1], 3, padding=1)]
         rev = tuple(reversed(channels))
-        for c_in, c_out in zip(rev, rev[1:] + (rev[-1],)):
+        for c_in, c_out in zip(rev, rev[1:]):
             dec += [ResBlock(c_in), nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
-        dec += [ResBlock(rev[-1]), nn.GroupNorm(8, rev[-1]), nn.SiLU(), nn.Conv2d(rev[-1], 3, 3, padding=1)]
+        dec += [ResBlock(rev[-1]), nn.GroupNorm(8, rev[-1]), nn.SiLU(), nn.Conv2d(rev[-1], 3 * patch_size**2, 3, padding=1), nn.PixelShuffle(patch_size)]
         self.decoder = nn.Sequential(*dec)
         self.cell_head = nn.Conv2d(code_dim, NUM_COLOR_CLASSES + NUM_SHAPE_CLASSES, 1)
         self.background_head = nn.Linear(code_dim, len(BACKGROUNDS))
 
     @property
     def grid(self) -> int:
-        return self.config.image_size // 2 ** len(self.config.channels)
+        return self.config.image_size // (self.config.patch_size * 2 ** (len(self.config.channels) - 1))
 
     @property
     def num_tokens(self) -> int:

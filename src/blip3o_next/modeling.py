@@ -220,7 +220,7 @@ def tiny_parts_configs(vocab_size: int, codebook_size: int = 512) -> dict[str, d
     """Configs of the tiny preset (64 px, trains on a CPU). `vocab_size` is the extended tokenizer's size."""
     hidden, width = 256, 256
     return {
-        "image_tokenizer": dict(image_size=64, channels=(64, 96, 128), code_dim=32, codebook_size=codebook_size),
+        "image_tokenizer": dict(image_size=64, patch_size=4, channels=(64, 128), code_dim=32, codebook_size=codebook_size),
         "ar": dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=True),
         "connector": dict(hidden_size=hidden, width=width),

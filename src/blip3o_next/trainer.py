@@ -83,10 +83,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise InputError(f"{path}: cannot read the config ({str(e).splitlines()[0]})") from None
+        data = _read_yaml(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -96,6 +93,83 @@ class TrainConfig:
             return cls(**data)
         except (TypeError, ValueError) as e:
             raise InputError(f"{path}: {e}") from None
+
+
+@dataclass
+class Recipe:
+    """Stage configs run in order (each resumes where it stopped), then the last model exported.
+
+    Stage paths are relative to the recipe file. `export_to` receives the final model in `export_dtype`
+    (the bundled weights); `docs_dir` receives each stage's loss curves and last sample grid, and the timings.
+    """
+
+    stages: list[str]
+    export_from: str | None = None
+    export_to: str | None = None
+    export_dtype: str = "float16"
+    docs_dir: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "Recipe":
+        data = _read_yaml(path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(data) - known:
+            raise InputError(f"{path}: unknown recipe setting(s) {', '.join(sorted(set(data) - known))}")
+        try:
+            recipe = cls(**data)
+        except TypeError as e:
+            raise InputError(f"{path}: {e}") from None
+        recipe.stages = [str(Path(path).parent / stage) for stage in recipe.stages]
+        return recipe
+
+
+def is_recipe(path: str | os.PathLike) -> bool:
+    return "stages" in _read_yaml(path)
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: cannot read the config ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of settings")
+    return data
+
+
+def run_recipe(recipe: Recipe) -> dict[str, float]:
+    """Train every stage, export the result, copy curves and grids to the docs; returns seconds per stage."""
+    timings: dict[str, float] = {}
+    outputs = []
+    for stage_file in recipe.stages:
+        cfg = TrainConfig.from_yaml(stage_file)
+        start = time.perf_counter()
+        outputs.append(train(cfg))
+        timings[Path(stage_file).stem] = round(time.perf_counter() - start, 1)
+    if recipe.export_to:
+        export_model(recipe.export_from or str(outputs[-1] / "final"), recipe.export_to, recipe.export_dtype)
+    if recipe.docs_dir:
+        copy_training_docs(outputs, [Path(f).stem for f in recipe.stages], Path(recipe.docs_dir), timings)
+    return timings
+
+
+def export_model(source: str | os.PathLike, dest: str | os.PathLike, dtype: str = "float16") -> None:
+    """Save a trained model in a smaller dtype (loading casts back to float32 by default)."""
+    from .modeling import Blip3oNext
+
+    Blip3oNext.from_pretrained(source).to(getattr(torch, dtype)).save_pretrained(dest)
+
+
+def copy_training_docs(outputs: list[Path], names: list[str], docs: Path, timings: dict[str, float]) -> None:
+    docs.mkdir(parents=True, exist_ok=True)
+    for out, name in zip(outputs, names):
+        if (out / "loss_curves.png").is_file():
+            shutil.copyfile(out / "loss_curves.png", docs / f"{name}_loss_curves.png")
+        grids = sorted(out.glob("samples-*.png"))
+        if grids:
+            shutil.copyfile(grids[-1], docs / f"{name}_samples.png")
+    total = round(sum(timings.values()), 1)
+    (docs / "timings.json").write_text(json.dumps({"seconds": timings, "total_seconds": total, "total_minutes": round(total / 60, 1)}, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- stages

@@ -9,17 +9,18 @@ from diffusers import AutoencoderDC
 
 
 def tiny_vae_config(latent_channels: int = 8) -> dict:
-    """Three stages (two 2x downsamplings): 64 px -> 16 x 16 latents."""
+    """Three stages of ResBlocks (two 2x downsamplings): 64 px -> 16 x 16 latents. The first stage has no blocks, so its
+    pixel-unshuffle convolution is the only layer at full resolution (cheap enough to train on a CPU)."""
     return dict(
         in_channels=3,
         latent_channels=latent_channels,
         attention_head_dim=16,
-        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_types="ResBlock",  # EfficientViT blocks (linear attention) double the CPU cost at this size
+        decoder_block_types="ResBlock",
         encoder_block_out_channels=(32, 64, 128),
         decoder_block_out_channels=(32, 64, 128),
-        encoder_layers_per_block=(1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1),
+        encoder_layers_per_block=(0, 1, 1),
+        decoder_layers_per_block=(0, 1, 1),
         encoder_qkv_multiscales=((), (), (5,)),
         decoder_qkv_multiscales=((), (), (5,)),
         decoder_norm_types="rms_norm",
