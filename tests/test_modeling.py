@@ -58,3 +58,24 @@ def test_next3b_preset_size_on_meta_device():
     assert 1.5e9 < counts["transformer"] < 1.7e9
     assert 2.5e8 < counts["vae"] < 4.0e8
     assert counts["connector"] == 2048 * 2304 + 2304 + 2304 * 2304 + 2304 + 2304
+
+
+def test_prompt_conditioning_ablation_ignores_the_blueprint(model_and_batch):
+    """condition_source="prompt": the flow-matching loss does not change when the image tokens do."""
+    import copy
+    import dataclasses
+
+    from blip3o_next.pipeline import Pipeline
+
+    model = copy.deepcopy(model_and_batch[0])
+    model.config = dataclasses.replace(model.config, condition_source="prompt")
+    ids, mask, labels, latents = model_and_batch[1]
+    other = ids.clone()
+    image = (ids >= model.image_vocab.image_offset) & (ids < model.image_vocab.vocab_end)
+    other[image] = model.image_vocab.image_offset + (ids[image] - model.image_vocab.image_offset + 1) % model.image_vocab.codebook_size
+    with torch.no_grad():
+        a = model(ids, mask, labels, latents, torch.Generator().manual_seed(0))
+        b = model(other, mask, other.masked_fill(mask == 0, -100), latents, torch.Generator().manual_seed(0))
+    assert torch.equal(a.flow_matching_loss, b.flow_matching_loss) and not torch.equal(a.ce_loss, b.ce_loss)
+    out = Pipeline(model)(["a photo of a star", "a photo of two red circles above a cross"], seed=0, num_inference_steps=2)
+    assert len(out.images) == 2

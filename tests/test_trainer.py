@@ -109,3 +109,33 @@ def test_two_process_ddp_matches_single_process(parts_dirs, tmp_path):
     single_loss = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "single" / "metrics.csv"))]
     assert len(ddp_loss) == len(single_loss) == 2
     assert all(abs(x - y) < 1e-5 for x, y in zip(ddp_loss, single_loss)), (ddp_loss, single_loss)
+
+
+def test_yaml_config_extends_another(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"stage": "vae", "steps": 7, "lr": 0.5, "model": {"ce_weight": 2.0}}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text(yaml.safe_dump({"extends": "../base.yaml", "lr": 0.25, "model": {"condition_source": "prompt"}}))
+    cfg = TrainConfig.from_yaml(tmp_path / "sub" / "c.yaml")
+    assert (cfg.stage, cfg.steps, cfg.lr, cfg.model) == ("vae", 7, 0.25, {"condition_source": "prompt"})
+
+
+def test_recipe_runs_stages_in_order_and_reports(tmp_path, monkeypatch):
+    from blip3o_next import trainer
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"stage": "vae", "steps": 1, "output_dir": str(tmp_path / "runs" / name)}))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"stages": ["a.yaml", "b.yaml"], "docs_dir": str(tmp_path / "docs")}))
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg.output_dir)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True)
+        (out / "loss_curves.png").write_bytes(b"png")
+        return out
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    assert trainer.is_recipe(tmp_path / "recipe.yaml") and not trainer.is_recipe(tmp_path / "a.yaml")
+    timings = trainer.run_recipe(trainer.Recipe.from_yaml(tmp_path / "recipe.yaml"))
+    assert seen == [str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b")] and list(timings) == ["a", "b"]
+    assert (tmp_path / "docs" / "b_loss_curves.png").is_file() and "total_minutes" in (tmp_path / "docs" / "timings.json").read_text()

@@ -45,6 +45,7 @@ class SamplingConfig:
 class Blueprint:
     codes: torch.Tensor  # (B, n) image-codebook indices
     hidden_states: torch.Tensor  # (B, 1 + n, hidden): last layer over <S0> and the n image tokens
+    prompt_hidden_states: torch.Tensor  # (B, T, hidden): last layer over the (left-padded) prompt, from the prefill
 
 
 def build_ar_model(config: Qwen3Config) -> Qwen3ForCausalLM:
@@ -90,6 +91,7 @@ def sample_blueprint(
     positions = position_ids_from_mask(mask)
     out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     hidden = [out.last_hidden_state[:, -1:]]
+    prompt_hidden = out.last_hidden_state[:, : input_ids.shape[1]]
     next_pos = positions[:, -1:] + 1
     history = ids
     codes = []
@@ -103,7 +105,7 @@ def sample_blueprint(
         out = model.model(input_ids=token, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
         hidden.append(out.last_hidden_state)
         next_pos = next_pos + 1
-    return Blueprint(codes=torch.stack(codes, 1), hidden_states=torch.cat(hidden, 1))
+    return Blueprint(codes=torch.stack(codes, 1), hidden_states=torch.cat(hidden, 1), prompt_hidden_states=prompt_hidden)
 
 
 def build_sequences(

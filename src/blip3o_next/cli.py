@@ -99,6 +99,79 @@ def cmd_data_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- generate
+
+
+def _load_pipeline(args: argparse.Namespace):
+    from .modeling import CheckpointError
+    from .pipeline import Pipeline
+
+    try:
+        return Pipeline.from_pretrained(args.model, device=args.device)
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{args.prompts_file}: cannot read the prompts file ({e})") from None
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise InputError("no prompt given (pass PROMPT arguments or --prompts-file)")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise InputError(f"prompt {i + 1} is empty")
+    return prompts
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    """`out.png` for one image; `out_000.png`, `out_001.png`, ... for several."""
+    suffix = output.suffix or ".png"
+    if count == 1:
+        return [output.with_suffix(suffix)]
+    return [output.with_name(f"{output.stem}_{i:03d}{suffix}") for i in range(count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .viz import image_grid
+
+    prompts = _read_prompts(args)
+    jobs = [p for p in prompts for _ in range(args.num_images)]
+    output = Path(args.output)
+    check_writable_dir(output.parent if str(output.parent) else Path("."))  # before any work
+    if args.grid:
+        check_writable_dir(Path(args.grid).parent)
+    pipe = _load_pipeline(args)
+    kwargs = _generation_kwargs(args)
+    images, previews = [], []
+    for k, start in enumerate(tqdm(range(0, len(jobs), args.batch_size), desc="generating", unit="batch")):
+        out = pipe(jobs[start : start + args.batch_size], seed=args.seed + k, **kwargs)
+        images += out.images
+        previews += out.blueprint_previews
+    written = []
+    for path, image, preview in zip(_output_paths(output, len(jobs)), images, previews):
+        save_png(path, image)
+        written.append(path)
+        if args.show_blueprint:
+            save_png(path.with_name(f"{path.stem}_blueprint.png"), preview)
+    if args.grid:
+        cells = [[np.asarray(i), np.asarray(b)] if args.show_blueprint else [np.asarray(i)] for i, b in zip(images, previews)]
+        save_png(args.grid, image_grid(cells, jobs, tile=128, columns=4))
+    where = str(written[0]) if len(written) == 1 else f"{written[0]} ... {written[-1]} ({len(written)} images)"
+    print(f"wrote {where}" + (" with *_blueprint.png previews" if args.show_blueprint else "") + (f" and the grid {args.grid}" if args.grid else ""))
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval
 
 
@@ -140,6 +213,22 @@ def cmd_eval_edit(args: argparse.Namespace) -> int:
     rows, summary = evaluate_edits(items)
     print(format_edit_table(summary))
     _write_reports(args, summary, rows, edit_grid(items, rows))
+    return 0
+
+
+def cmd_eval_geneval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_t2i, format_t2i_table, generate_t2i_items, geneval_suite, t2i_grid
+
+    _check_report_paths(args)
+    pipe = _load_pipeline(args)
+    prompts, counts = geneval_suite(args.per_category, seed=args.suite_seed)
+    items = generate_t2i_items(pipe, prompts, counts, seed=args.seed, batch_size=args.batch_size, blueprint_only=args.decode == "blueprint",
+                               **_generation_kwargs(args))
+    rows, summary = evaluate_t2i(items)
+    names = ("model", "decode", "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "top_k", "top_p")
+    summary["settings"] = {k: getattr(args, k) for k in names}
+    print(format_t2i_table(summary))
+    _write_reports(args, summary, rows, t2i_grid(items, rows))
     return 0
 
 
@@ -186,6 +275,23 @@ def _positive(value: str) -> int:
     return n
 
 
+def _non_negative(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return x
+
+
+def _probability(value: str) -> float:
+    x = _non_negative(value)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return x
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line and exit status 2 (argparse's default prints the whole usage)."""
 
@@ -196,6 +302,18 @@ class _Parser(argparse.ArgumentParser):
 def _add_report_args(parser: argparse.ArgumentParser, kind: str, shown: str) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write per-item results and the summary as JSON ('-' for stdout)")
     parser.add_argument("--grid", metavar="FILE", default=f"eval_{kind}_grid.png", help=f"PNG grid of {shown} marked pass/fail")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="a bundled model name (tiny) or a checkpoint folder")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (batch k uses seed + k)")
+    parser.add_argument("--batch-size", type=_positive, default=16, help="images generated together")
+    parser.add_argument("--steps", type=_positive, help="diffusion steps (default: the model's, 30)")
+    parser.add_argument("--guidance", type=_non_negative, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--temperature", type=_non_negative, help="AR sampling temperature; 0 = greedy (default: the model's)")
+    parser.add_argument("--top-k", type=_positive, help="AR top-k (default: the model's)")
+    parser.add_argument("--top-p", type=_probability, help="AR nucleus top-p in (0, 1] (default: the model's)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,8 +364,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=_positive, help="override the config's number of steps")
     tr.set_defaults(func=cmd_train)
 
+    gen = commands.add_parser(
+        "generate", help="generate images from text prompts (default: the bundled tiny model)", formatter_class=fmt,
+        description="Text-to-image generation: the AR model writes a blueprint of image tokens, the diffusion model renders it. "
+        'Example: blip3o generate "a photo of a red circle left of a blue star" -o out.png',
+    )
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompt(s)")
+    gen.add_argument("--prompts-file", metavar="FILE", help="also read prompts from FILE, one per line")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG; with several images, FILE_000.png, FILE_001.png, ...")
+    gen.add_argument("-n", "--num-images", type=_positive, default=1, help="images per prompt")
+    gen.add_argument("--grid", metavar="FILE", help="also write a PNG grid of all images (with blueprints if --show-blueprint)")
+    gen.add_argument("--show-blueprint", action="store_true", help="also save each blueprint's decoded preview as *_blueprint.png")
+    _add_model_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
     ev = commands.add_parser("eval", help="score images with the verifier", formatter_class=fmt)
     ev_cmds = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    geneval = ev_cmds.add_parser(
+        "geneval", help="generate the GenEval-ShapeWorld suite with a model and score it", formatter_class=fmt,
+        description="Generate the fixed canonical suite (all 8 categories, at least --per-category images each, fixed seeds), "
+        "score every image with the verifier, print the per-category table and overall (mean of the six GenEval categories).",
+    )
+    geneval.add_argument("--per-category", type=_positive, default=50, help="prompts (at least images) per category")
+    geneval.add_argument("--suite-seed", type=int, default=0, help="which fixed suite of prompts")
+    geneval.add_argument("--decode", choices=("diffusion", "blueprint"), default="diffusion",
+                         help="score the diffusion output, or the image tokenizer's decoding of the AR blueprint (no-diffusion ablation)")
+    _add_model_args(geneval)
+    _add_report_args(geneval, "geneval", "images")
+    geneval.set_defaults(func=cmd_eval_geneval)
     t2i = ev_cmds.add_parser(
         "t2i", help="GenEval-style scoring of text-to-image outputs", formatter_class=fmt,
         description="Score IMAGES_DIR/<id>.png (or IMAGES_DIR/<id>/*.png) against PROMPTS.jsonl lines "

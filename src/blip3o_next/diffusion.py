@@ -46,11 +46,17 @@ def flow_matching_loss(
     condition: torch.Tensor,
     num_train_timesteps: int = 1000,
     generator: Generators = None,
+    condition_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the predicted and true velocity at uniformly drawn noise levels."""
+    """MSE between the predicted and true velocity at uniformly drawn noise levels.
+
+    `condition_mask` (B, L) marks the condition positions to attend to (default: all)."""
     sigmas = uniform(latents.shape[0], generator, latents.device, latents.dtype)
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    pred = transformer(noisy_latents(latents, noise, sigmas), encoder_hidden_states=condition, timestep=sigmas * num_train_timesteps).sample
+    pred = transformer(
+        noisy_latents(latents, noise, sigmas), encoder_hidden_states=condition, encoder_attention_mask=condition_mask,
+        timestep=sigmas * num_train_timesteps,
+    ).sample
     return F.mse_loss(pred.float(), (noise - latents).float())
 
 
@@ -66,6 +72,7 @@ def sample_latents(
     latents: torch.Tensor | None = None,
     progress: bool = False,
     model_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    condition_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Euler flow-matching sampling from noise, guided by `condition` (B, L, D) against the zero condition.
 
@@ -79,10 +86,11 @@ def sample_latents(
         latents = randn_tensor((b, *latent_shape), generator=generator, device=condition.device, dtype=condition.dtype)
     use_cfg = guidance_scale != 1.0
     cond = torch.cat([torch.zeros_like(condition), condition]) if use_cfg else condition
+    mask = torch.cat([condition_mask, condition_mask]) if use_cfg and condition_mask is not None else condition_mask
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="diffusion", leave=False):
         x = latents if model_input is None else model_input(latents)
         x = torch.cat([x, x]) if use_cfg else x
-        v = transformer(x, encoder_hidden_states=cond, timestep=t.expand(x.shape[0])).sample[:, :, :, : latents.shape[-1]]
+        v = transformer(x, encoder_hidden_states=cond, encoder_attention_mask=mask, timestep=t.expand(x.shape[0])).sample[:, :, :, : latents.shape[-1]]
         if use_cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)

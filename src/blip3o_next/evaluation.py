@@ -107,6 +107,46 @@ def evaluate_t2i(items: Sequence[T2IItem], parser: SceneParser | None = None) ->
     return rows, summarize_t2i([row["category"] for row in rows], results)
 
 
+def geneval_suite(per_category: int, seed: int = 0) -> tuple[list, list[int]]:
+    """The fixed GenEval-ShapeWorld suite: canonical prompts and how many images each gets.
+
+    Categories with fewer distinct prompts than `per_category` (e.g. single objects: one per shape) give each
+    prompt more images, so every category is scored on at least `per_category` images.
+    """
+    from .shapeworld.prompts import canonical_suite
+
+    prompts = canonical_suite(per_category, seed=seed)
+    sizes = {c: sum(p.category == c for p in prompts) for c in {p.category for p in prompts}}
+    return prompts, [-(-per_category // sizes[p.category]) for p in prompts]
+
+
+def generate_t2i_items(
+    pipe, prompts: Sequence, images_per_prompt: Sequence[int], seed: int = 0, batch_size: int = 16, progress: bool = True,
+    blueprint_only: bool = False, **generate_kwargs
+) -> list[T2IItem]:
+    """Generate images for canonical prompts (shapeworld.prompts.Prompt) with a Pipeline.
+
+    Batch k is drawn with seed `seed + k`, so a run is reproducible for the same batch size. `blueprint_only`
+    keeps the image tokenizer's decoding of the AR tokens instead of the diffusion output (the no-diffusion
+    ablation; the diffusion then runs a single step, since its output is discarded).
+    """
+    if blueprint_only:
+        generate_kwargs["num_inference_steps"] = 1
+    from tqdm.auto import tqdm
+
+    jobs = [(i, p) for i, (p, n) in enumerate(zip(prompts, images_per_prompt)) for _ in range(n)]
+    images: dict[int, list[np.ndarray]] = {i: [] for i in range(len(prompts))}
+    for k, start in enumerate(tqdm(range(0, len(jobs), batch_size), desc="generating", disable=not progress)):
+        batch = jobs[start : start + batch_size]
+        out = pipe([p.text for _, p in batch], seed=seed + k, **generate_kwargs)
+        for (i, _), image in zip(batch, out.blueprint_previews if blueprint_only else out.images):
+            images[i].append(np.asarray(image))
+    return [
+        T2IItem(f"{i:04d}_{p.category}", p.text, p.category, p.requirement, images[i], [Path(f"{i:04d}_{p.category}_{j}.png") for j in range(len(images[i]))])
+        for i, p in enumerate(prompts)
+    ]
+
+
 def parse_images(images: Sequence[np.ndarray], parser: SceneParser) -> list[Scene]:
     """Parse images of possibly different sizes, batching those of equal size."""
     out: list[Scene | None] = [None] * len(images)

@@ -32,6 +32,9 @@ CONFIG_NAME = "blip3o_config.json"
 SUBFOLDERS = ("tokenizer", "image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler")
 
 
+CONDITION_SOURCES = ("blueprint", "prompt")
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder is incomplete or does not fit the model (names the file or tensor)."""
 
@@ -49,6 +52,9 @@ class Blip3oNextConfig:
     top_k: int = 1200
     top_p: float = 0.95
     temperature: float = 1.0
+    # What the diffusion model cross-attends to: "blueprint" (the AR hidden states over <S0> and the image
+    # tokens, as in BLIP3o-NEXT) or "prompt" (the hidden states over the prompt only: the no-blueprint ablation).
+    condition_source: str = "blueprint"
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the preset name)
 
     def __post_init__(self):
@@ -56,6 +62,8 @@ class Blip3oNextConfig:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if self.ce_weight < 0 or self.flow_matching_weight < 0:
             raise ValueError("loss weights must be non-negative")
+        if self.condition_source not in CONDITION_SOURCES:
+            raise ValueError(f"condition_source must be one of {', '.join(CONDITION_SOURCES)}, got {self.condition_source!r}")
 
 
 @dataclass
@@ -155,9 +163,12 @@ class Blip3oNext(nn.Module):
         # Mean per sequence, then over the batch: the same loss however the batch is split across processes.
         ce = ((token_ce.view_as(valid) * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
         index = self.image_span(input_ids)
-        span = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        if self.config.condition_source == "prompt":
+            span, span_mask = prompt_states(hidden, attention_mask, index[:, 0] - 1)
+        else:
+            span, span_mask = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), None
         condition = self.connector(drop_condition(span, self.config.condition_dropout if self.training else 0.0, generator))
-        fm = flow_matching_loss(self.transformer, latents, condition, self.scheduler.config.num_train_timesteps, generator)
+        fm = flow_matching_loss(self.transformer, latents, condition, self.scheduler.config.num_train_timesteps, generator, span_mask)
         loss = self.config.ce_weight * ce + self.config.flow_matching_weight * fm
         return Blip3oNextOutput(loss=loss, ce_loss=ce.detach(), flow_matching_loss=fm.detach())
 
@@ -211,6 +222,15 @@ class Blip3oNext(nn.Module):
                 raise CheckpointError(f"{path / name}: {str(e).strip().splitlines()[0]}") from None
         model = cls(config, **parts)
         return model.eval()
+
+
+def prompt_states(hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states over the prompt tokens of right-padded sequences (those before `prompt_end`, i.e. <im_start>),
+    cut to the longest prompt, with their mask."""
+    length = int(prompt_end.max())
+    positions = torch.arange(length, device=hidden.device)
+    mask = (positions[None] < prompt_end[:, None]) & attention_mask[:, :length].bool()
+    return hidden[:, :length], mask.long()
 
 
 # ----------------------------------------------------------------------------- presets

@@ -1,6 +1,6 @@
 """Text-to-image generation with a BLIP3o-NEXT model.
 
-    pipe = Pipeline.from_pretrained(path)
+    pipe = Pipeline.from_pretrained("tiny")  # the bundled model, or a checkpoint folder
     out = pipe(["a photo of a red circle left of a blue star"], seed=0)
     out.images[0].save("out.png"); out.blueprint_previews[0]
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -25,6 +26,15 @@ from .modeling import Blip3oNext
 from .vae import decode_latents
 
 logger = logging.getLogger(__name__)
+
+BUNDLED_MODELS = {"tiny": Path(__file__).parent / "weights" / "tiny"}  # shipped with the package (float16)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A bundled model's name ("tiny") or a checkpoint folder -> the folder."""
+    if str(name_or_path) in BUNDLED_MODELS:
+        return BUNDLED_MODELS[str(name_or_path)]
+    return Path(name_or_path)
 
 
 @dataclass
@@ -46,9 +56,15 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None, compile_transformer: bool = False
+        cls,
+        path: str | os.PathLike = "tiny",
+        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype = torch.float32,
+        compile_transformer: bool = False,
     ) -> "Pipeline":
-        return cls(Blip3oNext.from_pretrained(path, torch_dtype=torch_dtype), device, compile_transformer)
+        """Load a checkpoint folder or a bundled model by name; weights are cast to `torch_dtype`
+        (the bundled ones are stored in float16 and run in float32 by default)."""
+        return cls(Blip3oNext.from_pretrained(resolve_model_path(path), torch_dtype=torch_dtype), device, compile_transformer)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)
@@ -85,8 +101,13 @@ class Pipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         sampling: SamplingConfig | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         progress: bool = False,
     ) -> PipelineOutput:
+        """Generate one image per prompt. Unset options take the model's defaults (its config);
+        `sampling` replaces all AR sampling options at once."""
         # 1. check inputs
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -97,7 +118,11 @@ class Pipeline:
         cfg = self.model.config
         steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
-        sampling = sampling or SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        sampling = sampling or SamplingConfig(
+            temperature=cfg.temperature if temperature is None else temperature,
+            top_k=cfg.top_k if top_k is None else top_k,
+            top_p=cfg.top_p if top_p is None else top_p,
+        )
         if steps < 1 or guidance < 0:
             raise ValueError(f"need num_inference_steps >= 1 and guidance_scale >= 0, got {steps}, {guidance}")
         if generator is None and seed is not None:
@@ -106,12 +131,15 @@ class Pipeline:
         ids, mask = self.tokenize(prompts)
         # 3. blueprint + hidden states, one cached pass
         bp = sample_blueprint(self.model.ar, ids, mask, self.model.image_vocab, self.model.num_image_tokens, sampling, generator)
-        # 4. connector
-        condition = self.model.connector(bp.hidden_states)
+        # 4. connector (over the blueprint's hidden states; the no-blueprint ablation uses the prompt's)
+        if cfg.condition_source == "prompt":
+            condition, condition_mask = self.model.connector(bp.prompt_hidden_states), mask
+        else:
+            condition, condition_mask = self.model.connector(bp.hidden_states), None
         # 5. CFG flow-matching sampling
         latents = sample_latents(
             self.transformer, self.model.scheduler.config, condition, self.model.latent_shape,
-            num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
+            num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress, condition_mask=condition_mask,
         )
         # 6. decode
         images = tensor_to_images(decode_latents(self.model.vae, latents))

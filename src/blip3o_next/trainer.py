@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -83,7 +84,13 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
+        """Read a stage config. `extends: OTHER.yaml` (relative to this file) starts from another config; keys
+        given here replace its keys (whole values: a `model:` mapping here replaces the base's)."""
         data = _read_yaml(path)
+        if "extends" in data:
+            base = _read_yaml(Path(path).parent / str(data.pop("extends")))
+            base.pop("extends", None)
+            data = {**base, **data}
         data.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -400,6 +407,9 @@ def sample_generators(cfg: TrainConfig, samples: list[dict]) -> list[torch.Gener
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     """Run (or resume) a training stage; returns the output folder. `stop_after` ends this run early (tests)."""
+    # A recipe runs stages with different mixed precision in one process; accelerate keeps that setting in a
+    # process-wide singleton, so drop it (the distributed PartialState, if any, is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {cfg.batch_size} does not split over {accelerator.num_processes} processes")
