@@ -125,7 +125,7 @@ def official_style(pipe: Pipeline, prompts: list[str], seed: int) -> tuple[torch
     m = pipe.model
     codes, hidden = official_style_blueprint(pipe, prompts)
     span = hidden[:, -(m.num_image_tokens + 1) :]
-    latents = sample_latents(m.transformer, m.scheduler.config, m.connector(span), m.latent_shape, m.config.num_inference_steps,
+    latents = sample_latents(m.transformer, m.scheduler.config, m.condition(span), m.latent_shape, m.config.num_inference_steps,
                              m.config.guidance_scale, torch.Generator().manual_seed(seed))
     return codes, tensor_to_images(decode_latents(m.vae, latents))
 

@@ -7,7 +7,7 @@ from transformers import Qwen3Config
 
 from blip3o_next.autoregressive import SamplingConfig, build_ar_model, image_span_prefix, position_ids_from_mask, sample_blueprint
 from blip3o_next.connector import RMSNORM_INIT, Connector
-from blip3o_next.diffusion import drop_condition, flow_matching_loss, noisy_latents, sample_latents
+from blip3o_next.diffusion import Condition, drop_condition, flow_matching_loss, noisy_latents, sample_latents
 from blip3o_next.text_tokenizer import ImageVocab
 
 VOCAB = ImageVocab(im_start=100, im_end=101, scales=(102, 103, 104), image_offset=105, codebook_size=64)
@@ -56,6 +56,17 @@ def test_connector_shapes_and_norm_init():
     assert torch.allclose(c.norm.weight, torch.full((32,), RMSNORM_INIT))
 
 
+def test_connector_spatial_map_puts_each_token_on_its_cell():
+    c = Connector(8, 16, spatial_channels=3)
+    hidden = torch.randn(2, 4, 8)  # a 2x2 token grid, raster order
+    m = c.spatial_map(hidden, side=4)
+    assert m.shape == (2, 3, 4, 4)
+    top_right = c.spatial_proj(hidden[:, 1])  # token 1 = row 0, column 1 -> latent rows 0-1, columns 2-3
+    assert torch.allclose(m[:, :, 0, 3], top_right) and torch.allclose(m[:, :, 1, 2], top_right)
+    with pytest.raises(ValueError, match="square grid"):
+        c.spatial_map(torch.randn(1, 3, 8), side=4)
+
+
 @pytest.fixture(scope="module")
 def dit():
     torch.manual_seed(0)
@@ -68,14 +79,17 @@ def test_flow_matching_noising_and_dropout():
     x0, noise = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
     xt = noisy_latents(x0, noise, torch.tensor([0.0, 1.0]))
     assert xt[0].abs().max() == 0 and torch.all(xt[1] == 1)
-    cond = torch.ones(1000, 3, 5)
+    cond = Condition(torch.ones(1000, 3, 5), spatial=torch.ones(1000, 2, 4, 4))
     dropped = drop_condition(cond, 0.1, torch.Generator().manual_seed(0))
-    share = (dropped.flatten(1).abs().sum(1) == 0).float().mean().item()
-    assert 0.07 < share < 0.13
+    zero_tokens, zero_maps = (dropped.tokens.flatten(1).sum(1) == 0), (dropped.spatial.flatten(1).sum(1) == 0)
+    assert 0.07 < zero_tokens.float().mean().item() < 0.13 and torch.equal(zero_tokens, zero_maps)
+    # the unconditional CFG branch is exactly what dropout shows in training: the all-zero condition
+    both = cond.with_unconditional()
+    assert both.tokens[:1000].abs().sum() == 0 and both.spatial[:1000].abs().sum() == 0 and torch.equal(both.tokens[1000:], cond.tokens)
 
 
 def test_flow_matching_overfits_one_batch(dit):
-    latents, cond = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(4, 6, 24)
+    latents, cond = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)), Condition(torch.randn(4, 6, 24))
 
     def held_out_loss() -> float:  # the same noise levels and noise every time
         with torch.no_grad():
@@ -94,7 +108,7 @@ def test_flow_matching_overfits_one_batch(dit):
 
 def test_cfg_sampling_is_seeded(dit):
     cfg = FlowMatchEulerDiscreteScheduler().config
-    cond = torch.randn(2, 6, 24)
+    cond = Condition(torch.randn(2, 6, 24))
     a = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5))
     b = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5))
     assert a.shape == (2, 4, 8, 8) and torch.equal(a, b)

@@ -67,8 +67,17 @@ def test_prompt_conditioning_ablation_ignores_the_blueprint(model_and_batch):
 
     from blip3o_next.pipeline import Pipeline
 
+    from diffusers import SanaTransformer2DModel
+
+    from blip3o_next.connector import Connector
+
     model = copy.deepcopy(model_and_batch[0])
     model.config = dataclasses.replace(model.config, condition_source="prompt")
+    with pytest.raises(ValueError, match="spatial path needs the blueprint"):
+        model._check_parts()
+    model.connector = Connector.from_config({**model.connector.config, "spatial_channels": 0})
+    model.transformer = SanaTransformer2DModel.from_config({**model.transformer.config, "in_channels": model.vae.config.latent_channels})
+    model._check_parts()
     ids, mask, labels, latents = model_and_batch[1]
     other = ids.clone()
     image = (ids >= model.image_vocab.image_offset) & (ids < model.image_vocab.vocab_end)

@@ -250,6 +250,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model once, then serve the web page and the JSON API until interrupted."""
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:
+        raise InputError(f"the server needs gradio and uvicorn ({e}); install them with: python3 -m pip install -e .") from None
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = ServerConfig(
+            queue_size=args.queue_size, timeout_s=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20),
+            max_image_side=args.max_image_side, max_prompt_chars=args.max_prompt_chars, max_num_images=args.max_images,
+            default_steps=args.steps, default_guidance=args.guidance, model_name=str(args.model), ui=not args.no_ui,
+        )
+    except ValueError as e:
+        raise InputError(f"serve: {e}") from None
+    pipe = _load_pipeline(args)
+    print(f"serving {args.model} on http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/ "
+          f"(web page at /, API at /api/generate and /api/edit, health at /health); Ctrl-C stops", flush=True)
+    serve(pipe, config, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -289,6 +317,20 @@ def _probability(value: str) -> float:
     x = _non_negative(value)
     if not 0 < x <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return x
+
+
+def _port(value: str) -> int:
+    n = _positive(value) if value != "0" else 0
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [0, 65535], got {n}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    x = _non_negative(value)
+    if x == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return x
 
 
@@ -377,6 +419,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-blueprint", action="store_true", help="also save each blueprint's decoded preview as *_blueprint.png")
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = commands.add_parser(
+        "serve", help="serve the web demo and the HTTP JSON API (default: the bundled tiny model on 127.0.0.1:7860)",
+        formatter_class=fmt,
+        description="Load the model once and serve a web page (text to image and edit tabs) plus a JSON API on one local "
+        "server: POST /api/generate, POST /api/edit, GET /health. Requests run one at a time; at most --queue-size wait, "
+        "later ones get 429. Example: blip3o serve --port 7860, then open http://127.0.0.1:7860/",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes an unauthenticated server)")
+    srv.add_argument("--port", type=_port, default=7860, help="TCP port")
+    srv.add_argument("--model", default="tiny", help="a bundled model name (tiny) or a checkpoint folder")
+    srv.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    srv.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    srv.add_argument("--queue-size", type=int, default=16, help="requests that may wait behind the running one; beyond that: 429")
+    srv.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds a request may wait and run; beyond that: 504")
+    srv.add_argument("--max-body-mb", type=_positive_float, default=16.0, help="largest request body or upload, in MiB; beyond that: 413")
+    srv.add_argument("--max-image-side", type=_positive, default=4096, help="largest uploaded image side in px; beyond that: 413")
+    srv.add_argument("--max-prompt-chars", type=_positive, default=1000, help="longest prompt or instruction; beyond that: 422")
+    srv.add_argument("--max-images", type=_positive, default=8, help="most images per request")
+    srv.add_argument("--steps", type=_positive, help="default diffusion steps when a request sets none (default: the model's)")
+    srv.add_argument("--guidance", type=_non_negative, help="default guidance scale when a request sets none (default: the model's)")
+    srv.add_argument("--no-ui", action="store_true", help="serve the JSON API only, without the web page")
+    srv.set_defaults(func=cmd_serve)
 
     ev = commands.add_parser("eval", help="score images with the verifier", formatter_class=fmt)
     ev_cmds = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)

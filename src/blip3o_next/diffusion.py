@@ -3,12 +3,13 @@ with FlowMatchEulerDiscreteScheduler under classifier-free guidance.
 
 Flow matching (as in SANA / BLIP3o-NEXT): x_t = (1 - sigma) x0 + sigma * noise with sigma ~ U(0, 1); the
 network predicts the velocity noise - x0 at timestep sigma * num_train_timesteps. The unconditional branch of
-CFG is the all-zero AR condition, which training shows with probability `condition_dropout`.
+CFG is the all-zero condition (the connector's output zeroed), which training shows with probability
+`condition_dropout`, so that training and sampling see the same unconditional input.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,31 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 Generators = torch.Generator | list[torch.Generator] | None  # a list gives each sample its own stream
+
+
+@dataclass
+class Condition:
+    """What the diffusion transformer is conditioned on.
+
+    `tokens` (B, L, D) are cross-attended to (`mask` (B, L) marks the valid ones; None = all). `spatial`
+    (B, C, H, W), when the model has a spatial path, is concatenated to the transformer's input channels.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+    spatial: torch.Tensor | None = None
+
+    def zeroed(self, keep: torch.Tensor | None = None) -> "Condition":
+        """The condition with samples where `keep` (B,) is False set to zero (all of them when `keep` is None)."""
+        keep = torch.zeros(self.tokens.shape[0], dtype=torch.bool, device=self.tokens.device) if keep is None else keep
+        zero = lambda t: None if t is None else t * keep.view(-1, *([1] * (t.ndim - 1))).to(t.dtype)  # noqa: E731
+        return Condition(zero(self.tokens), self.mask, zero(self.spatial))
+
+    def with_unconditional(self) -> "Condition":
+        """[zero condition; condition] stacked on the batch axis: one transformer call serves both CFG branches."""
+        cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        uncond = self.zeroed()
+        return Condition(cat(uncond.tokens, self.tokens), cat(self.mask, self.mask), cat(uncond.spatial, self.spatial))
 
 
 def uniform(n: int, generator: Generators, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -32,31 +58,31 @@ def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tens
     return (1.0 - s) * latents + s * noise
 
 
-def drop_condition(condition: torch.Tensor, probability: float, generator: Generators = None) -> torch.Tensor:
-    """Zero each sample's AR condition with `probability` (teaches the unconditional branch used by CFG)."""
+def drop_condition(condition: Condition, probability: float, generator: Generators = None) -> Condition:
+    """Zero each sample's condition with `probability` (teaches the unconditional branch used by CFG)."""
     if probability <= 0:
         return condition
-    keep = uniform(condition.shape[0], generator, condition.device) >= probability
-    return condition * keep.view(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
+    return condition.zeroed(uniform(condition.tokens.shape[0], generator, condition.tokens.device) >= probability)
+
+
+def predict_velocity(transformer: SanaTransformer2DModel, x: torch.Tensor, condition: Condition, timestep: torch.Tensor) -> torch.Tensor:
+    """The transformer's velocity for latents `x` (B, C, H, W) at `timestep` (B,) under `condition`."""
+    if condition.spatial is not None:
+        x = torch.cat([x, condition.spatial.to(x.dtype)], dim=1)
+    return transformer(x, encoder_hidden_states=condition.tokens, encoder_attention_mask=condition.mask, timestep=timestep).sample
 
 
 def flow_matching_loss(
     transformer: SanaTransformer2DModel,
     latents: torch.Tensor,
-    condition: torch.Tensor,
+    condition: Condition,
     num_train_timesteps: int = 1000,
     generator: Generators = None,
-    condition_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the predicted and true velocity at uniformly drawn noise levels.
-
-    `condition_mask` (B, L) marks the condition positions to attend to (default: all)."""
+    """MSE between the predicted and true velocity at uniformly drawn noise levels."""
     sigmas = uniform(latents.shape[0], generator, latents.device, latents.dtype)
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    pred = transformer(
-        noisy_latents(latents, noise, sigmas), encoder_hidden_states=condition, encoder_attention_mask=condition_mask,
-        timestep=sigmas * num_train_timesteps,
-    ).sample
+    pred = predict_velocity(transformer, noisy_latents(latents, noise, sigmas), condition, sigmas * num_train_timesteps)
     return F.mse_loss(pred.float(), (noise - latents).float())
 
 
@@ -64,33 +90,28 @@ def flow_matching_loss(
 def sample_latents(
     transformer: SanaTransformer2DModel,
     scheduler_config: dict,
-    condition: torch.Tensor,
+    condition: Condition,
     latent_shape: tuple[int, int, int],
     num_steps: int = 30,
     guidance_scale: float = 2.0,
     generator: Generators = None,
     latents: torch.Tensor | None = None,
     progress: bool = False,
-    model_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    condition_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Euler flow-matching sampling from noise, guided by `condition` (B, L, D) against the zero condition.
+    """Euler flow-matching sampling from noise, guided by `condition` against the zero condition.
 
     A fresh scheduler is built from `scheduler_config` on every call, so sampling shares no mutable state.
-    `model_input` may transform the latents before the transformer sees them (e.g. to attach a reference).
     """
+    tokens = condition.tokens
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_steps, device=condition.device)
-    b = condition.shape[0]
+    scheduler.set_timesteps(num_steps, device=tokens.device)
     if latents is None:
-        latents = randn_tensor((b, *latent_shape), generator=generator, device=condition.device, dtype=condition.dtype)
+        latents = randn_tensor((tokens.shape[0], *latent_shape), generator=generator, device=tokens.device, dtype=tokens.dtype)
     use_cfg = guidance_scale != 1.0
-    cond = torch.cat([torch.zeros_like(condition), condition]) if use_cfg else condition
-    mask = torch.cat([condition_mask, condition_mask]) if use_cfg and condition_mask is not None else condition_mask
+    cond = condition.with_unconditional() if use_cfg else condition
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="diffusion", leave=False):
-        x = latents if model_input is None else model_input(latents)
-        x = torch.cat([x, x]) if use_cfg else x
-        v = transformer(x, encoder_hidden_states=cond, encoder_attention_mask=mask, timestep=t.expand(x.shape[0])).sample[:, :, :, : latents.shape[-1]]
+        x = torch.cat([latents, latents]) if use_cfg else latents
+        v = predict_velocity(transformer, x, cond, t.expand(x.shape[0]))
         if use_cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)

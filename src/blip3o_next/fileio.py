@@ -20,7 +20,7 @@ class InputError(ValueError):
     """A problem with the user's input; the CLI prints it as one line and exits non-zero."""
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited over white."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, dtype=np.float64)
@@ -46,7 +46,7 @@ def load_image(path: str | os.PathLike, max_side: int = MAX_IMAGE_SIDE) -> np.nd
                 if max(w, h) > max_side:
                     raise InputError(f"{path}: image is {w}x{h}, larger than the {max_side} px limit")
                 im.load()
-                return np.asarray(_to_rgb(im))
+                return np.asarray(to_rgb(im))
     except InputError:
         raise
     except FileNotFoundError:

@@ -57,6 +57,11 @@ def background_label(scene: Scene) -> int:
     return list(BACKGROUNDS).index(scene.background)
 
 
+def token_grid(image_size: int, patch_size: int, channels: tuple[int, ...]) -> int:
+    """Side of the token grid: the patch stem divides by patch_size, each later stage by 2."""
+    return image_size // (patch_size * 2 ** (len(channels) - 1))
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -128,7 +133,7 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
 
     @property
     def grid(self) -> int:
-        return self.config.image_size // (self.config.patch_size * 2 ** (len(self.config.channels) - 1))
+        return token_grid(self.config.image_size, self.config.patch_size, self.config.channels)
 
     @property
     def num_tokens(self) -> int:

@@ -23,8 +23,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from .autoregressive import position_ids_from_mask
 from .connector import Connector
-from .diffusion import drop_condition, flow_matching_loss
-from .image_tokenizer import ImageTokenizer
+from .diffusion import Condition, drop_condition, flow_matching_loss
+from .image_tokenizer import ImageTokenizer, token_grid
 from .text_tokenizer import ImageVocab, extend_tokenizer
 from .vae import spatial_compression
 
@@ -121,12 +121,15 @@ class Blip3oNext(nn.Module):
             ("AR vocabulary", self.ar.config.vocab_size, ">=", self.image_vocab.vocab_end),
             ("connector input", self.connector.config.hidden_size, "==", self.ar.config.hidden_size),
             ("connector width", self.connector.config.width, "==", self.transformer.config.caption_channels),
-            ("transformer in_channels", self.transformer.config.in_channels, "==", self.vae.config.latent_channels),
+            ("transformer in_channels", self.transformer.config.in_channels, "==",
+             self.vae.config.latent_channels + self.connector.config.spatial_channels),
             ("image tokenizer input", self.image_tokenizer.config.image_size, "==", self.config.image_size),
         ]
         for name, got, op, want in checks:
             if (op == "==" and got != want) or (op == ">=" and got < want):
                 raise ValueError(f"{name} is {got}, must be {op} {want}")
+        if self.config.condition_source == "prompt" and self.connector.config.spatial_channels:
+            raise ValueError("the connector's spatial path needs the blueprint; condition_source 'prompt' needs spatial_channels = 0")
 
     # ------------------------------------------------------------------ training
 
@@ -164,13 +167,21 @@ class Blip3oNext(nn.Module):
         ce = ((token_ce.view_as(valid) * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
         index = self.image_span(input_ids)
         if self.config.condition_source == "prompt":
-            span, span_mask = prompt_states(hidden, attention_mask, index[:, 0] - 1)
+            condition = self.condition(*prompt_states(hidden, attention_mask, index[:, 0] - 1))
         else:
-            span, span_mask = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), None
-        condition = self.connector(drop_condition(span, self.config.condition_dropout if self.training else 0.0, generator))
-        fm = flow_matching_loss(self.transformer, latents, condition, self.scheduler.config.num_train_timesteps, generator, span_mask)
+            condition = self.condition(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])))
+        condition = drop_condition(condition, self.config.condition_dropout if self.training else 0.0, generator)
+        fm = flow_matching_loss(self.transformer, latents, condition, self.scheduler.config.num_train_timesteps, generator)
         loss = self.config.ce_weight * ce + self.config.flow_matching_weight * fm
         return Blip3oNextOutput(loss=loss, ce_loss=ce.detach(), flow_matching_loss=fm.detach())
+
+    def condition(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
+        """The diffusion condition from AR hidden states: the image span (B, span_length, H), or with
+        condition_source "prompt" the prompt's states and their mask."""
+        spatial = None
+        if self.connector.config.spatial_channels:
+            spatial = self.connector.spatial_map(states[:, 1:], self.latent_shape[-1])  # image tokens, not <S0>
+        return Condition(self.connector(states), mask, spatial)
 
     # ------------------------------------------------------------------ save / load
 
@@ -238,15 +249,20 @@ def prompt_states(hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_end
 
 def tiny_parts_configs(vocab_size: int, codebook_size: int = 512) -> dict[str, dict]:
     """Configs of the tiny preset (64 px, trains on a CPU). `vocab_size` is the extended tokenizer's size."""
-    hidden, width = 256, 256
+    hidden, width, latent_channels, spatial = 256, 256, 8, 16
+    image_tokenizer = dict(image_size=64, patch_size=4, channels=(64, 128), code_dim=32, codebook_size=codebook_size)
+    span_length = 1 + token_grid(image_tokenizer["image_size"], image_tokenizer["patch_size"], image_tokenizer["channels"]) ** 2
     return {
-        "image_tokenizer": dict(image_size=64, patch_size=4, channels=(64, 128), code_dim=32, codebook_size=codebook_size),
+        "image_tokenizer": image_tokenizer,
         "ar": dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=True),
-        "connector": dict(hidden_size=hidden, width=width),
-        "transformer": dict(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=32, num_layers=4,
+        # Explicit positions on both sides of the cross-attention (span positions; sincos on the latent grid) and
+        # the spatial map (connector.py): the tiny model must get the blueprint-cell -> latent-cell alignment
+        # from little data.
+        "connector": dict(hidden_size=hidden, width=width, num_positions=span_length, spatial_channels=spatial),
+        "transformer": dict(in_channels=latent_channels + spatial, out_channels=latent_channels, num_attention_heads=4, attention_head_dim=32, num_layers=4,
                             num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128,
-                            caption_channels=width, sample_size=16, patch_size=1),
+                            caption_channels=width, sample_size=16, patch_size=1, interpolation_scale=1.0),
         "vae": "tiny",
     }
 

@@ -133,13 +133,13 @@ class Pipeline:
         bp = sample_blueprint(self.model.ar, ids, mask, self.model.image_vocab, self.model.num_image_tokens, sampling, generator)
         # 4. connector (over the blueprint's hidden states; the no-blueprint ablation uses the prompt's)
         if cfg.condition_source == "prompt":
-            condition, condition_mask = self.model.connector(bp.prompt_hidden_states), mask
+            condition = self.model.condition(bp.prompt_hidden_states, mask)
         else:
-            condition, condition_mask = self.model.connector(bp.hidden_states), None
+            condition = self.model.condition(bp.hidden_states)
         # 5. CFG flow-matching sampling
         latents = sample_latents(
             self.transformer, self.model.scheduler.config, condition, self.model.latent_shape,
-            num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress, condition_mask=condition_mask,
+            num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
         )
         # 6. decode
         images = tensor_to_images(decode_latents(self.model.vae, latents))

@@ -245,6 +245,19 @@ class VaeStage(PretrainedModuleStage):
         from .vae import tiny_vae_config
 
         self.module = AutoencoderDC(**{**tiny_vae_config(), **cfg.parts.get("vae", {})})
+        self.calibration_seed, self.canvas = cfg.seed + 20_000, cfg.canvas
+
+    def save(self, module: nn.Module, path: Path) -> None:
+        from itertools import islice
+
+        from .shapeworld.dataset import t2i_samples
+        from .vae import calibrate_scaling_factor
+
+        was_training = module.training
+        calibration = list(islice(t2i_samples(self.calibration_seed, self.canvas), 256))  # fixed images: same factor on resume
+        calibrate_scaling_factor(module.eval(), _images(calibration).to(next(module.parameters()).device))
+        module.train(was_training)
+        module.save_pretrained(path)
 
     def loss(self, model, samples, generators):
         x = _images(samples).to(next(model.parameters()).device)

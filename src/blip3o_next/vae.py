@@ -59,3 +59,12 @@ def encode_latents(vae: AutoencoderDC, images: torch.Tensor) -> torch.Tensor:
 def decode_latents(vae: AutoencoderDC, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1]."""
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def calibrate_scaling_factor(vae: AutoencoderDC, images: torch.Tensor) -> float:
+    """Set `scaling_factor` so that scaled latents have unit standard deviation on `images` (as SANA's DC-AE
+    factor does for its data): flow matching assumes data and noise on the same scale."""
+    std = float(vae.encode(images).latent.float().std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return 1.0 / std
