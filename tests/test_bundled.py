@@ -14,8 +14,10 @@ from blip3o_next.evaluation import evaluate_t2i, generate_t2i_items, geneval_sui
 from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
 
 WEIGHT_LIMIT_MB = 60
-# Measured on the committed weights with the suite below (per_category=4, suite_seed=7, seed=0, batch 16).
-FLOORS = {"overall": None, "text": None, "dense": None}
+# Measured on the committed weights with the suite below (per_category=4, suite_seed=7, seed=0, batch 16):
+# overall 0.25 (strict pass, six GenEval categories), mean partial credit 0.439 over all eight, text partial 0.656,
+# dense partial 0.179. Partial credit is the finer signal on 4 images per category; floors sit ~0.05 below.
+FLOORS = {"overall": 0.20, "partial": 0.39, "text_partial": 0.60, "dense_partial": 0.13}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def test_bundled_weights_are_small_float16_safetensors():
     files = list(root.rglob("*"))
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pkl", ".pth")]
     weights = [f for f in files if f.suffix == ".safetensors"]
-    assert len(weights) >= 6
+    assert {f.parent.name for f in weights} == {"image_tokenizer", "ar", "connector", "transformer", "vae"}
     assert sum(f.stat().st_size for f in files if f.is_file()) < WEIGHT_LIMIT_MB * 2**20
     with safe_open(str(root / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype.itemsize == 2
@@ -45,6 +47,12 @@ def test_bundled_model_scores_above_its_floors(pipe):
     prompts, counts = geneval_suite(4, seed=7)
     items = generate_t2i_items(pipe, prompts, counts, seed=0, batch_size=16, progress=False)
     _, summary = evaluate_t2i(items)
-    scores = {"overall": summary["overall"], **{c: s["pass"] for c, s in summary["categories"].items()}}
+    categories = summary["categories"]
+    scores = {
+        "overall": summary["overall"],
+        "partial": sum(c["partial"] for c in categories.values()) / len(categories),
+        "text_partial": categories["text"]["partial"],
+        "dense_partial": categories["dense"]["partial"],
+    }
     for name, floor in FLOORS.items():
         assert scores[name] >= floor, (name, scores)

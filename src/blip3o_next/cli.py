@@ -334,6 +334,13 @@ def _positive_float(value: str) -> float:
     return x
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones: their help already says what happens (e.g. "default: the model's")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line and exit status 2 (argparse's default prints the whole usage)."""
 
@@ -361,7 +368,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .shapeworld.degrade import DEGRADATIONS
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsFormatter
     parser = _Parser(prog="blip3o", description="BLIP3o-NEXT: training, the ShapeWorld data engine, verifier and scorers.", formatter_class=fmt)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
