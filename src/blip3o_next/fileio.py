@@ -95,6 +95,13 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
     return records
 
 
+def _new_file_mode() -> int:
+    """0666 minus the process umask: the mode open() would give a new file (reading the umask means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it into place, on failure remove it."""
@@ -102,6 +109,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; the result should read like any file the user creates
     try:
         yield Path(tmp)
         os.replace(tmp, path)
