@@ -43,17 +43,19 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="bundled model name or checkpoint folder")
     parser.add_argument("--repeats", type=int, default=10, help="timed single-image runs")
     parser.add_argument("--batches", type=int, default=3, help="timed batch-16 runs")
+    parser.add_argument("--steps", type=int, help="diffusion steps (default: the model's)")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
 
     pipe = Pipeline.from_pretrained(args.model)
     cfg = pipe.model.config
-    pipe(PROMPTS[0], seed=0)  # warm-up
-    singles = [timed(lambda i=i: pipe(PROMPTS[i % len(PROMPTS)], seed=i)) for i in range(args.repeats)]
+    steps = args.steps or cfg.num_inference_steps
+    pipe(PROMPTS[0], seed=0, num_inference_steps=steps)  # warm-up
+    singles = [timed(lambda i=i: pipe(PROMPTS[i % len(PROMPTS)], seed=i, num_inference_steps=steps)) for i in range(args.repeats)]
     batch = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
-    batched = [timed(lambda k=k: pipe(batch, seed=k)) for k in range(args.batches)]
+    batched = [timed(lambda k=k: pipe(batch, seed=k, num_inference_steps=steps)) for k in range(args.batches)]
     result = {
-        "settings": {"steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "threads": torch.get_num_threads()},
+        "settings": {"steps": steps, "guidance": cfg.guidance_scale, "threads": torch.get_num_threads()},
         "batch1_seconds_best": round(min(singles), 3),
         "batch1_seconds_median": round(statistics.median(singles), 3),
         "batch16_images_per_s": round(16 / statistics.median(batched), 2),
@@ -61,7 +63,7 @@ def main() -> None:
         "parameters_m": round(sum(p.numel() for p in pipe.model.parameters()) / 1e6, 2),
     }
     print(f"one image (batch 1): median {result['batch1_seconds_median']:.3f} s, best {result['batch1_seconds_best']:.3f} s "
-          f"({cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}, {torch.get_num_threads()} threads)")
+          f"({steps} steps, guidance {cfg.guidance_scale}, {torch.get_num_threads()} threads)")
     print(f"batch 16: {result['batch16_images_per_s']:.2f} images/s")
     print(f"peak resident memory: {result['peak_rss_mib']:.0f} MiB ({result['parameters_m']} M parameters)")
     if args.json:
