@@ -141,8 +141,6 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from .viz import image_grid
 
     prompts = _read_prompts(args)
@@ -152,12 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.grid:
         check_writable_dir(Path(args.grid).parent)
     pipe = _load_pipeline(args)
-    kwargs = _generation_kwargs(args)
-    images, previews = [], []
-    for k, start in enumerate(tqdm(range(0, len(jobs), args.batch_size), desc="generating", unit="batch")):
-        out = pipe(jobs[start : start + args.batch_size], seed=args.seed + k, **kwargs)
-        images += out.images
-        previews += out.blueprint_previews
+    out = pipe.generate_in_batches(jobs, args.batch_size, args.seed, **_generation_kwargs(args))
+    images, previews = out.images, out.blueprint_previews
     written = []
     for path, image, preview in zip(_output_paths(output, len(jobs)), images, previews):
         save_png(path, image)
@@ -357,7 +351,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="a bundled model name (tiny) or a checkpoint folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (batch k uses seed + k)")
     parser.add_argument("--batch-size", type=_positive, default=16, help="images generated together")
-    parser.add_argument("--steps", type=_positive, help="diffusion steps (default: the model's, 30)")
+    parser.add_argument("--steps", type=_positive, help="diffusion steps (default: the model's)")
     parser.add_argument("--guidance", type=_non_negative, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--temperature", type=_non_negative, help="AR sampling temperature; 0 = greedy (default: the model's)")
     parser.add_argument("--top-k", type=_positive, help="AR top-k (default: the model's)")

@@ -132,15 +132,11 @@ def generate_t2i_items(
     """
     if blueprint_only:
         generate_kwargs["num_inference_steps"] = 1
-    from tqdm.auto import tqdm
-
-    jobs = [(i, p) for i, (p, n) in enumerate(zip(prompts, images_per_prompt)) for _ in range(n)]
+    jobs = [i for i, n in enumerate(images_per_prompt) for _ in range(n)]
+    out = pipe.generate_in_batches([prompts[i].text for i in jobs], batch_size, seed, progress, **generate_kwargs)
     images: dict[int, list[np.ndarray]] = {i: [] for i in range(len(prompts))}
-    for k, start in enumerate(tqdm(range(0, len(jobs), batch_size), desc="generating", disable=not progress)):
-        batch = jobs[start : start + batch_size]
-        out = pipe([p.text for _, p in batch], seed=seed + k, **generate_kwargs)
-        for (i, _), image in zip(batch, out.blueprint_previews if blueprint_only else out.images):
-            images[i].append(np.asarray(image))
+    for i, image in zip(jobs, out.blueprint_previews if blueprint_only else out.images):
+        images[i].append(np.asarray(image))
     return [
         T2IItem(f"{i:04d}_{p.category}", p.text, p.category, p.requirement, images[i], [Path(f"{i:04d}_{p.category}_{j}.png") for j in range(len(images[i]))])
         for i, p in enumerate(prompts)

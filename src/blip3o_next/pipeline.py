@@ -69,6 +69,19 @@ class Pipeline:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)
 
+    def generate_in_batches(self, prompts: list[str], batch_size: int = 16, seed: int = 0, progress: bool = True, **kwargs) -> PipelineOutput:
+        """Generate one image per prompt, `batch_size` at a time; batch k is drawn with seed `seed + k`, so a run
+        is reproducible for the same batch size. `kwargs` are the generation options of `__call__`."""
+        from tqdm.auto import tqdm
+
+        images, blueprints, previews = [], [], []
+        for k, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress)):
+            out = self(prompts[start : start + batch_size], seed=seed + k, **kwargs)
+            images += out.images
+            blueprints.append(out.blueprints)
+            previews += out.blueprint_previews
+        return PipelineOutput(images=images, blueprints=torch.cat(blueprints), blueprint_previews=previews)
+
     @property
     def max_prompt_tokens(self) -> int:
         """Room left in the AR context after <im_start><S0>, the image tokens and <im_end>."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .fileio import InputError
+from .fileio import InputError, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def copy_training_docs(outputs: list[Path], names: list[str], docs: Path, timing
         if grids:
             shutil.copyfile(grids[-1], docs / f"{name}_samples.png")
     total = round(sum(timings.values()), 1)
-    (docs / "timings.json").write_text(json.dumps({"seconds": timings, "total_seconds": total, "total_minutes": round(total / 60, 1)}, indent=1) + "\n")
+    write_json(docs / "timings.json", {"seconds": timings, "total_seconds": total, "total_minutes": round(total / 60, 1)})
 
 
 # ----------------------------------------------------------------------------- stages
@@ -247,15 +248,18 @@ class VaeStage(PretrainedModuleStage):
         self.module = AutoencoderDC(**{**tiny_vae_config(), **cfg.parts.get("vae", {})})
         self.calibration_seed, self.canvas = cfg.seed + 20_000, cfg.canvas
 
-    def save(self, module: nn.Module, path: Path) -> None:
-        from itertools import islice
-
+    @functools.cached_property
+    def calibration_images(self) -> torch.Tensor:
+        """256 fixed images (the same on resume) on which every save calibrates the latent scaling factor."""
         from .shapeworld.dataset import t2i_samples
+
+        return _images(list(islice(t2i_samples(self.calibration_seed, self.canvas), 256)))
+
+    def save(self, module: nn.Module, path: Path) -> None:
         from .vae import calibrate_scaling_factor
 
         was_training = module.training
-        calibration = list(islice(t2i_samples(self.calibration_seed, self.canvas), 256))  # fixed images: same factor on resume
-        calibrate_scaling_factor(module.eval(), _images(calibration).to(next(module.parameters()).device))
+        calibrate_scaling_factor(module.eval(), self.calibration_images.to(next(module.parameters()).device))
         module.train(was_training)
         module.save_pretrained(path)
 
