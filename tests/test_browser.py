@@ -4,6 +4,7 @@ Outside CI they skip when Chromium is missing; in CI (CI set) they run and fail,
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import threading
@@ -36,6 +37,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests 
 
 import uvicorn
 
+from blip3o_next.modeling import enable_editing
 from blip3o_next.pipeline import Pipeline
 from blip3o_next.server import ServerConfig, create_app
 from blip3o_next.shapeworld.dataset import t2i_samples
@@ -63,20 +65,6 @@ def running_server(pipe) -> Iterator[str]:
         sock.close()
 
 
-class StandInEditor:
-    """Until the pipeline can edit: the real pipeline plus an `edit` that generates from the instruction alone, so the
-    browser drives the Edit tab's whole path (upload, checks, queue, gallery) with real model calls."""
-
-    def __init__(self, pipe: Pipeline):
-        self.pipe, self.model = pipe, pipe.model
-
-    def __call__(self, *args, **kwargs):
-        return self.pipe(*args, **kwargs)
-
-    def edit(self, image, instruction, **kwargs):
-        return self.pipe([instruction], **kwargs)
-
-
 @pytest.fixture(scope="module")
 def small_pipe(model_and_batch, tmp_path_factory):
     threads = torch.get_num_threads()
@@ -95,7 +83,8 @@ def server_url(small_pipe):
 
 @pytest.fixture(scope="module")
 def editing_server_url(small_pipe):
-    with running_server(small_pipe if hasattr(small_pipe, "edit") else StandInEditor(small_pipe)) as url:
+    """The small model with the (untrained) editing paths switched on: a real edit call behind the Edit tab."""
+    with running_server(Pipeline(enable_editing(copy.deepcopy(small_pipe.model)))) as url:
         yield url
 
 
@@ -169,15 +158,14 @@ def test_bad_input_shows_a_clear_message_and_the_page_keeps_working(open_page, s
     sync_api.expect(page.locator("#t2i-gallery img").first).to_be_visible()
 
 
-@pytest.mark.skipif(hasattr(Pipeline, "edit"), reason="the model can edit: the Edit tab shows no notice")
-def test_edit_tab_says_the_model_cannot_edit_yet(open_page, server_url, source_png):
+def test_edit_tab_says_a_text_to_image_model_cannot_edit(open_page, server_url, source_png):
     page = open_page(server_url)
     open_edit_tab(page)
-    sync_api.expect(page.locator("#edit-unavailable")).to_contain_text("cannot edit yet")
+    sync_api.expect(page.locator("#edit-unavailable")).to_contain_text("cannot edit")
     upload(page, source_png)
     page.locator("#edit-instruction textarea").fill("make the green cross bigger")
     page.locator("#edit-button").click()
-    sync_api.expect(page.get_by_text("its pipeline has no edit method").first).to_be_visible()
+    sync_api.expect(page.get_by_text("it was not trained to").first).to_be_visible()
 
 
 def test_upload_an_image_run_an_edit_and_an_image_appears(open_page, editing_server_url, source_png):

@@ -26,7 +26,8 @@ def run(args, capsys):
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("command", [[], ["data"], ["data", "render"], ["data", "export"], ["eval"], ["eval", "t2i"], ["eval", "edit"]])
+@pytest.mark.parametrize("command", [[], ["data"], ["data", "render"], ["data", "export"], ["eval"], ["eval", "t2i"], ["eval", "edit"],
+                                     ["eval", "imgedit"], ["edit"]])
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as e:
         main(command + ["--help"])

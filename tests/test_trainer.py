@@ -1,6 +1,7 @@
 """The trainer: kill-and-resume equals an uninterrupted run, run outputs, overfitting one batch, and 2-process DDP."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -139,3 +140,16 @@ def test_recipe_runs_stages_in_order_and_reports(tmp_path, monkeypatch):
     timings = trainer.run_recipe(trainer.Recipe.from_yaml(tmp_path / "recipe.yaml"))
     assert seen == [str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b")] and list(timings) == ["a", "b"]
     assert (tmp_path / "docs" / "b_loss_curves.png").is_file() and "total_minutes" in (tmp_path / "docs" / "timings.json").read_text()
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder(parts_dirs, tmp_path):
+    from diffusers import AutoencoderDC
+
+    root, _ = parts_dirs
+    cfg = TrainConfig(stage="vae", output_dir=str(tmp_path / "dec"), init_from=str(root / "vae"), train_only=["decoder"], steps=2,
+                      batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=2, log_every=1)
+    before, after = AutoencoderDC.from_pretrained(root / "vae").state_dict(), AutoencoderDC.from_pretrained(train(cfg) / "final").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder"))
+    with pytest.raises(ValueError, match="no parameter name starts with 'decodr'"):
+        train(TrainConfig(**{**dataclasses.asdict(cfg), "train_only": ["decodr"], "output_dir": str(tmp_path / "typo")}))

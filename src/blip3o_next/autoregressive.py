@@ -108,19 +108,45 @@ def sample_blueprint(
     return Blueprint(codes=torch.stack(codes, 1), hidden_states=torch.cat(hidden, 1), prompt_hidden_states=prompt_hidden)
 
 
-def build_sequences(
-    tokenizer, vocab: ImageVocab, prompts: list[str], codes: torch.Tensor, max_prompt_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded training sequences `prompt <im_start><S0> codes <im_end> <eos>` and their labels.
+def image_block(vocab: ImageVocab, codes: list[int]) -> list[int]:
+    """`<im_start><S0> img_1 .. img_n <im_end>`."""
+    return [vocab.im_start, vocab.scales[0], *(vocab.image_offset + c for c in codes), vocab.im_end]
 
-    Labels cover text and image tokens (padding is -100). Prompts longer than `max_prompt_tokens` keep
-    their first tokens.
+
+def prompt_ids(tokenizer, vocab: ImageVocab, text: str, max_text_tokens: int, reference_codes: list[int] | None = None) -> tuple[list[int], bool]:
+    """The AR input before the answer's `<im_start><S0>`: the prompt, or for an edit `instruction` followed by the
+    reference image's block. The instruction comes first so that each answer token sits at a fixed distance
+    from the reference token at the same place, a copy a small model learns easily.
+
+    Returns the ids and whether the text was cut to `max_text_tokens`."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    truncated = len(ids) > max_text_tokens
+    ids = ids[:max_text_tokens]
+    if reference_codes is not None:
+        ids = ids + image_block(vocab, reference_codes)
+    return ids, truncated
+
+
+def build_sequences(
+    tokenizer,
+    vocab: ImageVocab,
+    prompts: list[str],
+    codes: torch.Tensor,
+    max_prompt_tokens: int,
+    reference_codes: list[list[int] | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded training sequences `prompt <im_start><S0> codes <im_end> <eos>` and their labels; for edit
+    samples (a `reference_codes` entry that is not None) the prompt is `instruction <reference image block>`.
+
+    Labels cover text and image tokens, except an edit's reference block, which is given, not written
+    (padding is -100 too). Prompts longer than `max_prompt_tokens` keep their first tokens.
     """
-    rows = []
-    for prompt, row_codes in zip(prompts, codes.tolist()):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
-        image = [vocab.image_offset + c for c in row_codes]
-        rows.append(ids + [vocab.im_start, vocab.scales[0]] + image + [vocab.im_end, tokenizer.eos_token_id])
+    rows, given = [], []
+    references = reference_codes or [None] * len(prompts)
+    for prompt, row_codes, reference in zip(prompts, codes.tolist(), references):
+        ids, _ = prompt_ids(tokenizer, vocab, prompt, max_prompt_tokens, reference)
+        rows.append(ids + image_block(vocab, row_codes) + [tokenizer.eos_token_id])
+        given.append(range(len(ids) - (len(reference) + 3), len(ids)) if reference is not None else range(0))
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -128,4 +154,6 @@ def build_sequences(
         input_ids[i, : len(r)] = torch.tensor(r)
         attention_mask[i, : len(r)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    for i, span in enumerate(given):
+        labels[i, list(span)] = -100
     return input_ids, attention_mask, labels

@@ -112,6 +112,19 @@ def _load_pipeline(args: argparse.Namespace):
         raise InputError(str(e)) from None
 
 
+def _check_can_edit(args: argparse.Namespace) -> None:
+    """Fail fast, before loading any weights, when the model was not trained to edit."""
+    from .modeling import CheckpointError, read_config
+    from .pipeline import resolve_model_path
+
+    try:
+        editing = read_config(resolve_model_path(args.model)).editing
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
+    if not editing:
+        raise InputError(f"{args.model}: this model was not trained to edit (no edit SFT)")
+
+
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     return {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
@@ -140,29 +153,54 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}_{i:03d}{suffix}") for i in range(count)]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .viz import image_grid
-
-    prompts = _read_prompts(args)
-    jobs = [p for p in prompts for _ in range(args.num_images)]
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before any work if an output cannot be written."""
     output = Path(args.output)
-    check_writable_dir(output.parent if str(output.parent) else Path("."))  # before any work
+    check_writable_dir(output.parent if str(output.parent) else Path("."))
     if args.grid:
         check_writable_dir(Path(args.grid).parent)
-    pipe = _load_pipeline(args)
-    out = pipe.generate_in_batches(jobs, args.batch_size, args.seed, **_generation_kwargs(args))
-    images, previews = out.images, out.blueprint_previews
+
+
+def _write_outputs(args: argparse.Namespace, labels: list[str], out, grid_cells: list[list[np.ndarray]]) -> None:
+    """Each image (and with --show-blueprint its blueprint preview), the optional grid, and where they went."""
+    from .viz import image_grid
+
     written = []
-    for path, image, preview in zip(_output_paths(output, len(jobs)), images, previews):
+    for path, image, preview in zip(_output_paths(Path(args.output), len(labels)), out.images, out.blueprint_previews):
         save_png(path, image)
         written.append(path)
         if args.show_blueprint:
             save_png(path.with_name(f"{path.stem}_blueprint.png"), preview)
     if args.grid:
-        cells = [[np.asarray(i), np.asarray(b)] if args.show_blueprint else [np.asarray(i)] for i, b in zip(images, previews)]
-        save_png(args.grid, image_grid(cells, jobs, tile=128, columns=4))
+        save_png(args.grid, image_grid(grid_cells, labels, tile=128, columns=4))
     where = str(written[0]) if len(written) == 1 else f"{written[0]} ... {written[-1]} ({len(written)} images)"
     print(f"wrote {where}" + (" with *_blueprint.png previews" if args.show_blueprint else "") + (f" and the grid {args.grid}" if args.grid else ""))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args)
+    jobs = [p for p in prompts for _ in range(args.num_images)]
+    _check_outputs(args)
+    pipe = _load_pipeline(args)
+    out = pipe.generate_in_batches(jobs, args.batch_size, args.seed, **_generation_kwargs(args))
+    cells = [[np.asarray(i), np.asarray(b)] if args.show_blueprint else [np.asarray(i)] for i, b in zip(out.images, out.blueprint_previews)]
+    _write_outputs(args, jobs, out, cells)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .fileio import load_image
+
+    if not args.instruction.strip():
+        raise InputError("the instruction is empty")
+    source = load_image(args.image)  # a corrupted or non-image file fails here, before the model loads
+    _check_outputs(args)
+    _check_can_edit(args)
+    pipe = _load_pipeline(args)
+    jobs = [args.instruction] * args.num_images
+    out = pipe.generate_in_batches(jobs, args.batch_size, args.seed, reference_images=[source] * len(jobs), **_generation_kwargs(args))
+    reference = pipe.reference_array(source)
+    _write_outputs(args, jobs, out, [[reference, np.asarray(i)] for i in out.images])
     return 0
 
 
@@ -223,6 +261,23 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     summary["settings"] = {k: getattr(args, k) for k in names}
     print(format_t2i_table(summary))
     _write_reports(args, summary, rows, t2i_grid(items, rows))
+    return 0
+
+
+def cmd_eval_imgedit(args: argparse.Namespace) -> int:
+    from .evaluation import edit_grid, evaluate_edits, format_edit_table, generate_edit_items
+    from .shapeworld.edits import edit_suite
+
+    _check_report_paths(args)
+    _check_can_edit(args)
+    pipe = _load_pipeline(args)
+    items = generate_edit_items(pipe, edit_suite(args.per_category, seed=args.suite_seed), seed=args.seed, batch_size=args.batch_size,
+                                **_generation_kwargs(args))
+    rows, summary = evaluate_edits(items)
+    names = ("model", "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "top_k", "top_p")
+    summary["settings"] = {k: getattr(args, k) for k in names}
+    print(format_edit_table(summary))
+    _write_reports(args, summary, rows, edit_grid(items, rows))
     return 0
 
 
@@ -347,8 +402,15 @@ def _add_report_args(parser: argparse.ArgumentParser, kind: str, shown: str) -> 
     parser.add_argument("--grid", metavar="FILE", default=f"eval_{kind}_grid.png", help=f"PNG grid of {shown} marked pass/fail")
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="a bundled model name (tiny) or a checkpoint folder")
+def _add_output_args(parser: argparse.ArgumentParser, default: str, per_input: str, grid: str) -> None:
+    parser.add_argument("-o", "--output", default=default, help="output PNG; with several images, FILE_000.png, FILE_001.png, ...")
+    parser.add_argument("-n", "--num-images", type=_positive, default=1, help=per_input)
+    parser.add_argument("--grid", metavar="FILE", help=f"also write a PNG grid of {grid}")
+    parser.add_argument("--show-blueprint", action="store_true", help="also save each blueprint's decoded preview as *_blueprint.png")
+
+
+def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
+    parser.add_argument("--model", default=default_model, help="a bundled model name (tiny, tiny-edit) or a checkpoint folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (batch k uses seed + k)")
     parser.add_argument("--batch-size", type=_positive, default=16, help="images generated together")
     parser.add_argument("--steps", type=_positive, help="diffusion steps (default: the model's)")
@@ -396,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_data_export)
 
     tr = commands.add_parser(
-        "train", help="run a training stage (image_tokenizer, vae, pretrain, sft) or a whole recipe from YAML", formatter_class=fmt,
+        "train", help="run a training stage (image_tokenizer, vae, pretrain, sft, edit_sft) or a whole recipe from YAML", formatter_class=fmt,
         description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the bundled model "
         "from scratch). Each stage resumes from the newest checkpoint in its output folder. Runs under "
         "`accelerate launch` or `torchrun` for several processes.",
@@ -414,12 +476,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompt(s)")
     gen.add_argument("--prompts-file", metavar="FILE", help="also read prompts from FILE, one per line")
-    gen.add_argument("-o", "--output", default="out.png", help="output PNG; with several images, FILE_000.png, FILE_001.png, ...")
-    gen.add_argument("-n", "--num-images", type=_positive, default=1, help="images per prompt")
-    gen.add_argument("--grid", metavar="FILE", help="also write a PNG grid of all images (with blueprints if --show-blueprint)")
-    gen.add_argument("--show-blueprint", action="store_true", help="also save each blueprint's decoded preview as *_blueprint.png")
+    _add_output_args(gen, "out.png", "images per prompt", "all images (with blueprints if --show-blueprint)")
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    edit_cmd = commands.add_parser(
+        "edit", help="edit an image by an instruction (default: the bundled tiny-edit model)", formatter_class=fmt,
+        description="Image editing: the AR model reads the instruction and the image's tokens and writes the edited blueprint; "
+        "the diffusion model renders it from the image's latents. Images of another size are resized to the model's, with a "
+        'notice. Example: blip3o edit in.png "make the red circle blue" -o out.png',
+    )
+    edit_cmd.add_argument("image", metavar="IN.png", help="the image to edit (any mode: grayscale, RGBA and paletted images are converted)")
+    edit_cmd.add_argument("instruction", metavar="INSTRUCTION", help='what to change, in the canonical forms: "add a red circle left of the blue star", '
+                          '"remove the blue star", "replace the blue star with a red circle", "make the blue star red", "move the blue '
+                          'star to the top left", "make the blue star bigger", "change the background to black", \'change the text to '
+                          '"WORD"\', "keep the image unchanged"')
+    _add_output_args(edit_cmd, "edited.png", "outputs (different samples of the same edit)", "source | output pairs")
+    _add_model_args(edit_cmd, default_model="tiny-edit")
+    edit_cmd.set_defaults(func=cmd_edit)
 
     srv = commands.add_parser(
         "serve", help="serve the web demo and the HTTP JSON API (default: the bundled tiny model on 127.0.0.1:7860)",
@@ -430,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes an unauthenticated server)")
     srv.add_argument("--port", type=_port, default=7860, help="TCP port")
-    srv.add_argument("--model", default="tiny", help="a bundled model name (tiny) or a checkpoint folder")
+    srv.add_argument("--model", default="tiny", help="a bundled model name (tiny; tiny-edit also edits) or a checkpoint folder")
     srv.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     srv.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     srv.add_argument("--queue-size", type=int, default=16, help="requests that may wait behind the running one; beyond that: 429")
@@ -458,6 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(geneval)
     _add_report_args(geneval, "geneval", "images")
     geneval.set_defaults(func=cmd_eval_geneval)
+    imgedit = ev_cmds.add_parser(
+        "imgedit", help="carry out the ImgEdit-ShapeWorld suite with a model and score it", formatter_class=fmt,
+        description="Edit the fixed canonical suite (all 9 edit categories, keep included, --per-category pairs each, fixed "
+        "seeds), score every output with the verifier: success per category, mean consistency PSNR outside the edited "
+        "objects, and the share of successes with PSNR >= 30 dB.",
+    )
+    imgedit.add_argument("--per-category", type=_positive, default=30, help="edit pairs per category")
+    imgedit.add_argument("--suite-seed", type=int, default=0, help="which fixed suite of edit pairs")
+    _add_model_args(imgedit, default_model="tiny-edit")
+    _add_report_args(imgedit, "imgedit", "source | output pairs")
+    imgedit.set_defaults(func=cmd_eval_imgedit)
     t2i = ev_cmds.add_parser(
         "t2i", help="GenEval-style scoring of text-to-image outputs", formatter_class=fmt,
         description="Score IMAGES_DIR/<id>.png (or IMAGES_DIR/<id>/*.png) against PROMPTS.jsonl lines "

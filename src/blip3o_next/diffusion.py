@@ -26,23 +26,50 @@ class Condition:
 
     `tokens` (B, L, D) are cross-attended to (`mask` (B, L) marks the valid ones; None = all). `spatial`
     (B, C, H, W), when the model has a spatial path, is concatenated to the transformer's input channels.
+
+    For editing, the reference image's VAE latents enter two ways (system.md item 9): `reference_tokens`
+    (B, R, D), its projected latents, are cross-attended to after `tokens`; `reference` (B, C, H, W) latents are
+    concatenated to the noisy latents along the width, and the output's reference half is discarded (the official
+    form), or `reference_channels` (B, C, H, W) along the channels. CFG's unconditional branch keeps all three
+    (it zeroes only the instruction's blueprint), so guidance strengthens the edit while both branches agree on
+    the untouched pixels.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor | None = None
     spatial: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    reference_tokens: torch.Tensor | None = None
+    reference_channels: torch.Tensor | None = None
 
     def zeroed(self, keep: torch.Tensor | None = None) -> "Condition":
-        """The condition with samples where `keep` (B,) is False set to zero (all of them when `keep` is None)."""
+        """The condition with samples where `keep` (B,) is False set to zero (all of them when `keep` is None).
+        The mask and the reference image are kept."""
         keep = torch.zeros(self.tokens.shape[0], dtype=torch.bool, device=self.tokens.device) if keep is None else keep
         zero = lambda t: None if t is None else t * keep.view(-1, *([1] * (t.ndim - 1))).to(t.dtype)  # noqa: E731
-        return Condition(zero(self.tokens), self.mask, zero(self.spatial))
+        return Condition(zero(self.tokens), self.mask, zero(self.spatial), self.reference, self.reference_tokens, self.reference_channels)
+
+    def select(self, index: torch.Tensor) -> "Condition":
+        """The samples at `index` (a 1-D index tensor)."""
+        return Condition(*(None if t is None else t[index] for t in _fields(self)))
 
     def with_unconditional(self) -> "Condition":
         """[zero condition; condition] stacked on the batch axis: one transformer call serves both CFG branches."""
-        cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         uncond = self.zeroed()
-        return Condition(cat(uncond.tokens, self.tokens), cat(self.mask, self.mask), cat(uncond.spatial, self.spatial))
+        return Condition(*(None if a is None else torch.cat([a, b]) for a, b in zip(_fields(uncond), _fields(self))))
+
+    def cross_attention_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sequence the transformer cross-attends to (the tokens, then any reference tokens) and its mask."""
+        if self.reference_tokens is None:
+            return self.tokens, self.mask
+        tokens = torch.cat([self.tokens, self.reference_tokens.to(self.tokens.dtype)], 1)
+        if self.mask is None:
+            return tokens, None
+        return tokens, torch.cat([self.mask, self.mask.new_ones(self.reference_tokens.shape[:2])], 1)
+
+
+def _fields(c: Condition) -> tuple:
+    return (c.tokens, c.mask, c.spatial, c.reference, c.reference_tokens, c.reference_channels)
 
 
 def uniform(n: int, generator: Generators, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -67,9 +94,17 @@ def drop_condition(condition: Condition, probability: float, generator: Generato
 
 def predict_velocity(transformer: SanaTransformer2DModel, x: torch.Tensor, condition: Condition, timestep: torch.Tensor) -> torch.Tensor:
     """The transformer's velocity for latents `x` (B, C, H, W) at `timestep` (B,) under `condition`."""
+    width = x.shape[-1]
     if condition.spatial is not None:
         x = torch.cat([x, condition.spatial.to(x.dtype)], dim=1)
-    return transformer(x, encoder_hidden_states=condition.tokens, encoder_attention_mask=condition.mask, timestep=timestep).sample
+    if condition.reference_channels is not None:
+        x = torch.cat([x, condition.reference_channels.to(x.dtype)], dim=1)
+    if condition.reference is not None:  # noise-space injection: [noisy | reference] along the width
+        reference = condition.reference.to(x.dtype)
+        padding = x.new_zeros(reference.shape[0], x.shape[1] - reference.shape[1], *reference.shape[2:])  # no spatial map there
+        x = torch.cat([x, torch.cat([reference, padding], dim=1)], dim=-1)
+    tokens, mask = condition.cross_attention_inputs()
+    return transformer(x, encoder_hidden_states=tokens, encoder_attention_mask=mask, timestep=timestep).sample[..., :width]
 
 
 def flow_matching_loss(

@@ -143,6 +143,19 @@ def generate_t2i_items(
     ]
 
 
+def generate_edit_items(pipe, pairs: Sequence, seed: int = 0, batch_size: int = 16, progress: bool = True, **edit_kwargs) -> list[EditItem]:
+    """Carry out canonical edit pairs (shapeworld.edits.EditPair) with a Pipeline: one output per pair, scored
+    later against the pair's ground-truth source and target scenes. Batch k is drawn with seed `seed + k`."""
+    from .shapeworld.render import render
+
+    sources = [render(p.source) for p in pairs]
+    out = pipe.generate_in_batches([p.instruction for p in pairs], batch_size, seed, progress, reference_images=sources, **edit_kwargs)
+    return [
+        EditItem(f"{i:04d}_{p.spec.category}", p.instruction, p.spec, source, np.asarray(image), p.source, p.target)
+        for i, (p, source, image) in enumerate(zip(pairs, sources, out.images))
+    ]
+
+
 def parse_images(images: Sequence[np.ndarray], parser: SceneParser) -> list[Scene]:
     """Parse images of possibly different sizes, batching those of equal size."""
     out: list[Scene | None] = [None] * len(images)

@@ -8,6 +8,7 @@ format, so the same code loads the tiny preset and, given local checkpoints, the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,9 +31,11 @@ from .vae import spatial_compression
 
 CONFIG_NAME = "blip3o_config.json"
 SUBFOLDERS = ("tokenizer", "image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler")
+OPTIONAL_SUBFOLDERS = ("reference_connector",)  # only in models trained to edit
 
 
 CONDITION_SOURCES = ("blueprint", "prompt")
+INJECTION_AXES = ("width", "channels")
 
 
 class CheckpointError(ValueError):
@@ -55,6 +58,16 @@ class Blip3oNextConfig:
     # What the diffusion model cross-attends to: "blueprint" (the AR hidden states over <S0> and the image
     # tokens, as in BLIP3o-NEXT) or "prompt" (the hidden states over the prompt only: the no-blueprint ablation).
     condition_source: str = "blueprint"
+    # Editing (system.md item 9): the reference image enters the AR model as image tokens before the instruction's
+    # answer, and the diffusion model through its VAE latents, as cross-attention tokens and/or by noise-space
+    # injection. `editing` is set by the edit SFT stage; the two switches choose the latent paths.
+    editing: bool = False
+    reference_cross_attention: bool = True
+    reference_noise_injection: bool = True
+    # "width": [noisy | reference] side by side, the output's reference half discarded (official). "channels": the
+    # reference latents as extra input channels (the tiny preset; SANA's linear self-attention did not learn the
+    # half-width copy within the CPU budget, see docs/editing.md).
+    reference_injection_axis: str = "width"
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the preset name)
 
     def __post_init__(self):
@@ -64,6 +77,10 @@ class Blip3oNextConfig:
             raise ValueError("loss weights must be non-negative")
         if self.condition_source not in CONDITION_SOURCES:
             raise ValueError(f"condition_source must be one of {', '.join(CONDITION_SOURCES)}, got {self.condition_source!r}")
+        if self.editing and self.condition_source != "blueprint":
+            raise ValueError("editing needs condition_source 'blueprint'")
+        if self.reference_injection_axis not in INJECTION_AXES:
+            raise ValueError(f"reference_injection_axis must be one of {', '.join(INJECTION_AXES)}, got {self.reference_injection_axis!r}")
 
 
 @dataclass
@@ -86,6 +103,7 @@ class Blip3oNext(nn.Module):
         transformer: SanaTransformer2DModel,
         vae: AutoencoderDC,
         scheduler: FlowMatchEulerDiscreteScheduler,
+        reference_connector: Connector | None = None,
     ):
         super().__init__()
         self.config = config
@@ -96,6 +114,7 @@ class Blip3oNext(nn.Module):
         self.transformer = transformer
         self.vae = vae
         self.scheduler = scheduler
+        self.reference_connector = reference_connector
         self.image_vocab = ImageVocab.from_tokenizer(tokenizer, image_tokenizer.config.codebook_size)
         self._check_parts()
 
@@ -115,6 +134,13 @@ class Blip3oNext(nn.Module):
         side = self.config.image_size // spatial_compression(self.vae)
         return (self.vae.config.latent_channels, side, side)
 
+    @property
+    def reference_input_channels(self) -> int:
+        """Input channels the transformer gives an edit's reference latents (channel-axis injection only)."""
+        cfg = self.config
+        channels = cfg.editing and cfg.reference_noise_injection and cfg.reference_injection_axis == "channels"
+        return self.vae.config.latent_channels if channels else 0
+
     def _check_parts(self) -> None:
         """Fail loudly, showing both numbers, when the parts do not fit together."""
         checks = [
@@ -122,7 +148,7 @@ class Blip3oNext(nn.Module):
             ("connector input", self.connector.config.hidden_size, "==", self.ar.config.hidden_size),
             ("connector width", self.connector.config.width, "==", self.transformer.config.caption_channels),
             ("transformer in_channels", self.transformer.config.in_channels, "==",
-             self.vae.config.latent_channels + self.connector.config.spatial_channels),
+             self.vae.config.latent_channels + self.connector.config.spatial_channels + self.reference_input_channels),
             ("image tokenizer input", self.image_tokenizer.config.image_size, "==", self.config.image_size),
         ]
         for name, got, op, want in checks:
@@ -130,15 +156,25 @@ class Blip3oNext(nn.Module):
                 raise ValueError(f"{name} is {got}, must be {op} {want}")
         if self.config.condition_source == "prompt" and self.connector.config.spatial_channels:
             raise ValueError("the connector's spatial path needs the blueprint; condition_source 'prompt' needs spatial_channels = 0")
+        if self.config.editing and self.config.reference_cross_attention:
+            ref = self.reference_connector
+            if ref is None:
+                raise ValueError("reference_cross_attention needs a reference_connector (see enable_editing)")
+            if ref.config.hidden_size != self.vae.config.latent_channels or ref.config.width != self.transformer.config.caption_channels:
+                raise ValueError(
+                    f"reference connector maps {ref.config.hidden_size} -> {ref.config.width}, must map the VAE's "
+                    f"{self.vae.config.latent_channels} latent channels -> {self.transformer.config.caption_channels}"
+                )
 
     # ------------------------------------------------------------------ training
 
     def image_span(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Index (B, span_length) of <S0> and the image tokens after it in each sequence."""
+        """Index (B, span_length) of the last <S0> and the image tokens after it in each sequence (the image to
+        render; an edit's reference image comes before it)."""
         is_scale = input_ids == self.image_vocab.scales[0]
-        if not torch.all(is_scale.sum(1) == 1):
-            raise ValueError(f"each sequence needs exactly one <S0> token, found {is_scale.sum(1).tolist()}")
-        start = is_scale.float().argmax(1, keepdim=True)
+        if not torch.all(is_scale.any(1)):
+            raise ValueError(f"each sequence needs an <S0> token; found {is_scale.sum(1).tolist()}")
+        start = input_ids.shape[1] - 1 - is_scale.flip(1).float().argmax(1, keepdim=True)
         index = start + torch.arange(self.span_length, device=input_ids.device)
         if int(index.max()) >= input_ids.shape[1]:
             raise ValueError(f"the image span needs {self.span_length} positions after <S0>; the sequence is too short")
@@ -155,8 +191,13 @@ class Blip3oNext(nn.Module):
         labels: torch.Tensor,
         latents: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        reference_latents: torch.Tensor | None = None,
+        is_edit: torch.Tensor | None = None,
     ) -> Blip3oNextOutput:
-        """Joint loss: next-token CE over text and image tokens + flow matching conditioned on the image span."""
+        """Joint loss: next-token CE over text and image tokens + flow matching conditioned on the image span.
+
+        For edit samples (`is_edit` (B,) True), `reference_latents` (B, C, H, W) are the source image's latents;
+        the other samples of the batch are text-to-image and are rendered without a reference."""
         out = self.ar.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
         hidden = out.last_hidden_state  # (B, T, H)
         logits = self.ar.lm_head(hidden[:, :-1])
@@ -171,17 +212,54 @@ class Blip3oNext(nn.Module):
         else:
             condition = self.condition(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])))
         condition = drop_condition(condition, self.config.condition_dropout if self.training else 0.0, generator)
-        fm = flow_matching_loss(self.transformer, latents, condition, self.scheduler.config.num_train_timesteps, generator)
+        fm = self._flow_matching_loss(latents, condition, generator, reference_latents, is_edit)
         loss = self.config.ce_weight * ce + self.config.flow_matching_weight * fm
         return Blip3oNextOutput(loss=loss, ce_loss=ce.detach(), flow_matching_loss=fm.detach())
 
+    def _flow_matching_loss(self, latents, condition, generator, reference_latents=None, is_edit=None) -> torch.Tensor:
+        """Flow matching over the batch; with edit samples, text-to-image and edit samples go through the
+        transformer as two groups (edits have the reference attached), and the loss is their sample-weighted mean."""
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if reference_latents is None or is_edit is None:
+            return flow_matching_loss(self.transformer, latents, condition, num_train_timesteps, generator)
+        total = latents.new_zeros((), dtype=torch.float32)
+        for edits in (False, True):
+            index = (is_edit == edits).nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            group = condition.select(index)
+            if edits:
+                group = self.with_reference(group, reference_latents[index])
+            gens = [generator[i] for i in index.tolist()] if isinstance(generator, list) else generator
+            total = total + flow_matching_loss(self.transformer, latents[index], group, num_train_timesteps, gens) * index.numel()
+        return total / latents.shape[0]
+
+    def with_reference(self, condition: Condition, reference_latents: torch.Tensor) -> Condition:
+        """Attach an edit's reference latents (B, C, H, W) by the paths this model was trained with."""
+        if not self.config.editing:
+            raise ValueError("this model was not trained to edit (its config has editing = false)")
+        tokens = None
+        if self.config.reference_cross_attention:
+            tokens = self.reference_connector(reference_latents.flatten(2).transpose(1, 2).to(condition.tokens.dtype))
+        inject = self.config.reference_noise_injection
+        axis = self.config.reference_injection_axis
+        return dataclasses.replace(
+            condition,
+            reference=reference_latents if inject and axis == "width" else None,
+            reference_channels=reference_latents if inject and axis == "channels" else None,
+            reference_tokens=tokens,
+        )
+
     def condition(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
         """The diffusion condition from AR hidden states: the image span (B, span_length, H), or with
-        condition_source "prompt" the prompt's states and their mask."""
+        condition_source "prompt" the prompt's states and their mask. No reference image yet (`with_reference`)."""
         spatial = None
         if self.connector.config.spatial_channels:
             spatial = self.connector.spatial_map(states[:, 1:], self.latent_shape[-1])  # image tokens, not <S0>
-        return Condition(self.connector(states), mask, spatial)
+        reference_channels = None
+        if self.reference_input_channels:  # text-to-image in a model with channel injection: an all-zero reference
+            reference_channels = states.new_zeros(states.shape[0], *self.latent_shape)
+        return Condition(self.connector(states), mask, spatial, reference_channels=reference_channels)
 
     # ------------------------------------------------------------------ save / load
 
@@ -192,8 +270,9 @@ class Blip3oNext(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             self.tokenizer.save_pretrained(tmp / "tokenizer")
-            for name in ("image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler"):
-                getattr(self, name).save_pretrained(tmp / name)
+            for name in ("image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler", *OPTIONAL_SUBFOLDERS):
+                if getattr(self, name) is not None:
+                    getattr(self, name).save_pretrained(tmp / name)
             (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
             if path.exists():
                 shutil.rmtree(path)
@@ -205,16 +284,10 @@ class Blip3oNext(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> "Blip3oNext":
         """Load every part from its subfolder; errors name the file or the tensor that does not fit."""
         path = Path(path)
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise CheckpointError(f"{config_file}: missing (not a BLIP3o-NEXT checkpoint folder)")
+        config = read_config(path)
         for sub in SUBFOLDERS:
             if not (path / sub).is_dir():
                 raise CheckpointError(f"{path / sub}: missing part folder")
-        try:
-            config = Blip3oNextConfig(**json.loads(config_file.read_text()))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{config_file}: {e}") from None
         dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         parts = {}
         loaders = {
@@ -225,14 +298,64 @@ class Blip3oNext(nn.Module):
             "transformer": lambda p: SanaTransformer2DModel.from_pretrained(p, **dtype),
             "vae": lambda p: AutoencoderDC.from_pretrained(p, **dtype),
             "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(p),
+            "reference_connector": lambda p: Connector.from_pretrained(p, **dtype),
         }
         for name, load in loaders.items():
+            if name in OPTIONAL_SUBFOLDERS and not (path / name).is_dir():
+                continue
             try:
                 parts[name] = load(path / name)
             except (OSError, ValueError, RuntimeError, KeyError) as e:
                 raise CheckpointError(f"{path / name}: {str(e).strip().splitlines()[0]}") from None
-        model = cls(config, **parts)
+        try:
+            model = cls(config, **parts)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         return model.eval()
+
+
+@torch.no_grad()
+def widen_input(transformer: SanaTransformer2DModel, extra: int) -> None:
+    """Give the transformer `extra` more input channels whose patch-embedding weights start at zero, so the widened
+    model computes exactly what it did before (InstructPix2Pix's initialisation)."""
+    old = transformer.patch_embed.proj
+    new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+    new = new.to(old.weight.device, old.weight.dtype)
+    new.weight.zero_()
+    new.weight[:, : old.in_channels] = old.weight
+    if old.bias is not None:
+        new.bias.copy_(old.bias)
+    transformer.patch_embed.proj = new
+    transformer.register_to_config(in_channels=old.in_channels + extra)
+
+
+def read_config(path: str | os.PathLike) -> Blip3oNextConfig:
+    """A checkpoint folder's model-level config, without loading any weights."""
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (not a BLIP3o-NEXT checkpoint folder)")
+    try:
+        return Blip3oNextConfig(**json.loads(config_file.read_text()))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+
+
+def enable_editing(model: Blip3oNext, reference_connector: dict | None = None, **switches: bool) -> Blip3oNext:
+    """Turn a text-to-image model into one that edits (before edit SFT): set `editing` and the latent-path
+    `switches` (reference_cross_attention, reference_noise_injection) and, for cross-attention, add a new
+    reference connector (C -> D -> D + RMSNorm; `reference_connector` overrides its config). No-op parts
+    already present are kept (resuming)."""
+    before = model.reference_input_channels
+    model.config = dataclasses.replace(model.config, editing=True, **switches)
+    if model.reference_input_channels > before:
+        widen_input(model.transformer, model.reference_input_channels - before)
+    if model.config.reference_cross_attention and model.reference_connector is None:
+        side = model.latent_shape[-1]
+        config = dict(hidden_size=model.vae.config.latent_channels, width=model.transformer.config.caption_channels, num_positions=side * side)
+        dtype = next(model.connector.parameters()).dtype
+        model.reference_connector = Connector(**{**config, **(reference_connector or {})}).to(dtype)
+    model._check_parts()
+    return model
 
 
 def prompt_states(hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,13 @@
-"""Text-to-image generation with a BLIP3o-NEXT model.
+"""Text-to-image generation and image editing with a BLIP3o-NEXT model.
 
-    pipe = Pipeline.from_pretrained("tiny")  # the bundled model, or a checkpoint folder
+    pipe = Pipeline.from_pretrained("tiny")  # a bundled model ("tiny", "tiny-edit") or a checkpoint folder
     out = pipe(["a photo of a red circle left of a blue star"], seed=0)
     out.images[0].save("out.png"); out.blueprint_previews[0]
+    edited = Pipeline.from_pretrained("tiny-edit").edit(out.images[0], "make the red circle green", seed=0).images[0]
 
-Steps: (1) check inputs, (2) tokenize prompts (left-padded, truncated with a warning), (3) sample the
-blueprint and its hidden states in one cached AR pass, (4) connector, (5) CFG flow-matching sampling,
+Steps: (1) check inputs, (2) tokenize prompts (left-padded, truncated with a warning); for an edit, the
+instruction followed by the reference image's tokens, (3) sample the blueprint and its hidden states in one
+cached AR pass, (4) connector (an edit adds the reference's VAE latents), (5) CFG flow-matching sampling,
 (6) decode latents and the blueprint preview.
 """
 
@@ -16,18 +18,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .autoregressive import SamplingConfig, sample_blueprint
+from .autoregressive import SamplingConfig, prompt_ids, sample_blueprint
 from .diffusion import sample_latents
-from .image_tokenizer import tensor_to_images
+from .fileio import to_rgb
+from .image_tokenizer import images_to_tensor, tensor_to_images
 from .modeling import Blip3oNext
-from .vae import decode_latents
+from .vae import decode_latents, encode_latents
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_MODELS = {"tiny": Path(__file__).parent / "weights" / "tiny"}  # shipped with the package (float16)
+# Shipped with the package (float16). "tiny" is the text-to-image model; "tiny-edit" is it after edit SFT, which
+# edits but generates less well (docs/editing.md), so it does not replace "tiny" for text to image.
+BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / name for name in ("tiny", "tiny-edit")}
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -69,33 +75,47 @@ class Pipeline:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)
 
-    def generate_in_batches(self, prompts: list[str], batch_size: int = 16, seed: int = 0, progress: bool = True, **kwargs) -> PipelineOutput:
-        """Generate one image per prompt, `batch_size` at a time; batch k is drawn with seed `seed + k`, so a run
-        is reproducible for the same batch size. `kwargs` are the generation options of `__call__`."""
+    def generate_in_batches(
+        self, prompts: list[str], batch_size: int = 16, seed: int = 0, progress: bool = True, reference_images: list | None = None, **kwargs
+    ) -> PipelineOutput:
+        """Generate one image per prompt (or, with `reference_images`, edit each image by its prompt), `batch_size`
+        at a time; batch k is drawn with seed `seed + k`, so a run is reproducible for the same batch size.
+        `kwargs` are the generation options of `__call__`."""
         from tqdm.auto import tqdm
 
         images, blueprints, previews = [], [], []
         for k, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress)):
-            out = self(prompts[start : start + batch_size], seed=seed + k, **kwargs)
+            batch = prompts[start : start + batch_size]
+            if reference_images is None:
+                out = self(batch, seed=seed + k, **kwargs)
+            else:
+                out = self.edit(reference_images[start : start + batch_size], batch, seed=seed + k, **kwargs)
             images += out.images
             blueprints.append(out.blueprints)
             previews += out.blueprint_previews
         return PipelineOutput(images=images, blueprints=torch.cat(blueprints), blueprint_previews=previews)
 
     @property
+    def can_edit(self) -> bool:
+        """Whether the model was trained to edit (edit SFT)."""
+        return self.model.config.editing
+
+    @property
     def max_prompt_tokens(self) -> int:
         """Room left in the AR context after <im_start><S0>, the image tokens and <im_end>."""
         return self.model.ar.config.max_position_embeddings - (self.model.span_length + 2)
 
-    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and mask; prompts longer than the context keep their first tokens (with a warning)."""
+    def tokenize(self, prompts: list[str], reference_codes: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded AR inputs and mask: the prompts, or for edits each instruction followed by its reference
+        image's tokens. Text longer than the context allows keeps its first tokens (with a warning)."""
         tok = self.model.tokenizer
-        rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        limit = self.max_prompt_tokens
-        for i, r in enumerate(rows):
-            if len(r) > limit:
-                logger.warning("prompt %d has %d tokens; truncated to the %d that fit the context", i, len(r), limit)
-                rows[i] = r[:limit]
+        limit = self.max_prompt_tokens - (self.model.span_length + 2 if reference_codes is not None else 0)
+        rows = []
+        for i, p in enumerate(prompts):
+            ids, truncated = prompt_ids(tok, self.model.image_vocab, p, limit, None if reference_codes is None else reference_codes[i])
+            if truncated:
+                logger.warning("prompt %d is longer than the %d tokens that fit the context; truncated", i, limit)
+            rows.append(ids)
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -104,6 +124,20 @@ class Pipeline:
                 ids[i, length - len(r) :] = torch.tensor(r)
                 mask[i, length - len(r) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    def _options(self, steps: int | None, guidance: float | None, sampling: SamplingConfig | None, temperature, top_k, top_p) -> tuple[int, float, SamplingConfig]:
+        """The generation options, unset ones taken from the model's config."""
+        cfg = self.model.config
+        steps = cfg.num_inference_steps if steps is None else steps
+        guidance = cfg.guidance_scale if guidance is None else guidance
+        sampling = sampling or SamplingConfig(
+            temperature=cfg.temperature if temperature is None else temperature,
+            top_k=cfg.top_k if top_k is None else top_k,
+            top_p=cfg.top_p if top_p is None else top_p,
+        )
+        if steps < 1 or guidance < 0:
+            raise ValueError(f"need num_inference_steps >= 1 and guidance_scale >= 0, got {steps}, {guidance}")
+        return steps, guidance, sampling
 
     @torch.no_grad()
     def __call__(
@@ -121,44 +155,104 @@ class Pipeline:
     ) -> PipelineOutput:
         """Generate one image per prompt. Unset options take the model's defaults (its config);
         `sampling` replaces all AR sampling options at once."""
-        # 1. check inputs
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompt given")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} is empty")
-        cfg = self.model.config
-        steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
-        sampling = sampling or SamplingConfig(
-            temperature=cfg.temperature if temperature is None else temperature,
-            top_k=cfg.top_k if top_k is None else top_k,
-            top_p=cfg.top_p if top_p is None else top_p,
-        )
-        if steps < 1 or guidance < 0:
-            raise ValueError(f"need num_inference_steps >= 1 and guidance_scale >= 0, got {steps}, {guidance}")
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        # 2. tokenize
+        prompts = _texts(prompts, "prompt")
+        options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p)
         ids, mask = self.tokenize(prompts)
-        # 3. blueprint + hidden states, one cached pass
-        bp = sample_blueprint(self.model.ar, ids, mask, self.model.image_vocab, self.model.num_image_tokens, sampling, generator)
-        # 4. connector (over the blueprint's hidden states; the no-blueprint ablation uses the prompt's)
-        if cfg.condition_source == "prompt":
-            condition = self.model.condition(bp.prompt_hidden_states, mask)
+        return self._render(ids, mask, *options, _generator(generator, seed), progress)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: Image.Image | np.ndarray | list,
+        instructions: str | list[str],
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampling: SamplingConfig | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        progress: bool = False,
+    ) -> PipelineOutput:
+        """Edit each image by its instruction (one image with several instructions, or several images with one
+        instruction, pair up too). Images of another size are resized to the model's, with a notice; any mode
+        (grayscale, RGBA, paletted) is converted to RGB. Options as in `__call__`."""
+        if not self.can_edit:
+            raise ValueError("this model was not trained to edit (no edit SFT); train one with `blip3o train --config configs/tiny/5_edit_sft.yaml`")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        instructions = _texts(instructions, "instruction")
+        if len(images) != len(instructions) and 1 not in (len(images), len(instructions)):
+            raise ValueError(f"{len(images)} images and {len(instructions)} instructions do not pair up")
+        n = max(len(images), len(instructions))
+        images, instructions = images * (n // len(images)), instructions * (n // len(instructions))
+        options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p)
+        x = images_to_tensor(np.stack([self.reference_array(im, i) for i, im in enumerate(images)])).to(self.device, self.model.vae.dtype)
+        codes = self.model.image_tokenizer.encode(x.to(next(self.model.image_tokenizer.parameters()).dtype))
+        ids, mask = self.tokenize(instructions, codes.tolist())
+        return self._render(ids, mask, *options, _generator(generator, seed), progress, reference_latents=encode_latents(self.model.vae, x))
+
+    def reference_array(self, image: Image.Image | np.ndarray, index: int = 0) -> np.ndarray:
+        """An image to edit as an (S, S, 3) uint8 array at the model's size S."""
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                raise ValueError(f"image {index}: expected a uint8 (H, W) or (H, W, C) array, got {image.dtype} {image.shape}")
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image {index}: expected a PIL image or a uint8 array, got {type(image).__name__}")
+        image = to_rgb(image)
+        size = self.model.config.image_size
+        if image.size != (size, size):
+            logger.warning("image %d is %dx%d; resized to the model's %dx%d", index, *image.size, size, size)
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(image)
+
+    def _render(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        steps: int,
+        guidance: float,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        progress: bool,
+        reference_latents: torch.Tensor | None = None,
+    ) -> PipelineOutput:
+        """From AR inputs to images: (1) the blueprint and its hidden states in one cached pass, (2) the connector
+        (plus an edit's reference latents), (3) CFG flow-matching sampling, (4) decoding."""
+        model = self.model
+        bp = sample_blueprint(model.ar, ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator)
+        if model.config.condition_source == "prompt":  # the no-blueprint ablation: the prompt's states
+            condition = model.condition(bp.prompt_hidden_states, mask)
         else:
-            condition = self.model.condition(bp.hidden_states)
-        # 5. CFG flow-matching sampling
+            condition = model.condition(bp.hidden_states)
+        if reference_latents is not None:
+            condition = model.with_reference(condition, reference_latents)
         latents = sample_latents(
-            self.transformer, self.model.scheduler.config, condition, self.model.latent_shape,
+            self.transformer, model.scheduler.config, condition, model.latent_shape,
             num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
         )
-        # 6. decode
-        images = tensor_to_images(decode_latents(self.model.vae, latents))
-        previews = tensor_to_images(self.model.image_tokenizer.decode(bp.codes))
+        images = tensor_to_images(decode_latents(model.vae, latents))
+        previews = tensor_to_images(model.image_tokenizer.decode(bp.codes))
         return PipelineOutput(
             images=[Image.fromarray(a) for a in images],
             blueprints=bp.codes.cpu(),
             blueprint_previews=[Image.fromarray(a) for a in previews],
         )
+
+
+def _texts(texts: str | list[str], what: str) -> list[str]:
+    """One or more non-empty texts (prompts or instructions), or a ValueError naming the empty one."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError(f"no {what} given")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"{what} {i} is empty")
+    return texts
+
+
+def _generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+    if generator is None and seed is not None:
+        return torch.Generator().manual_seed(seed)
+    return generator

@@ -383,11 +383,11 @@ def encoded(result: Result) -> Result:
 
 
 def can_edit(pipe: Any) -> bool:
-    """Editing lands in a later issue; until the pipeline has `edit`, the route and the tab say so instead of failing."""
-    return callable(getattr(pipe, "edit", None))
+    """Whether the model edits (it went through edit SFT); if not, the route and the tab say so instead of failing."""
+    return callable(getattr(pipe, "edit", None)) and bool(getattr(pipe, "can_edit", True))
 
 
-NO_EDIT = "this model cannot edit yet: its pipeline has no edit method (text-to-image works)"
+NO_EDIT = "this model cannot edit: it was not trained to (no edit SFT); text-to-image works"
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -663,8 +663,8 @@ def build_ui(pipe: Any, config: ServerConfig, worker: GenerationWorker) -> Any:
                 wire(generate, t2i_button, prompt, [prompt, *t2i_settings], t2i_out)
             with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
                 if not can_edit(pipe):
-                    gr.Markdown("**This model cannot edit yet.** Uploads are still checked; the Edit button answers "
-                                "with this notice until the pipeline gains editing.", elem_id="edit-unavailable")
+                    gr.Markdown("**This model cannot edit** (it was not trained to: no edit SFT). Uploads are still "
+                                "checked; the Edit button answers with this notice.", elem_id="edit-unavailable")
                 with gr.Row():
                     with gr.Column(scale=1):
                         source = gr.Image(label="Image to edit", type="filepath", sources=["upload", "clipboard"], format="png",

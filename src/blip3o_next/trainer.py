@@ -40,7 +40,7 @@ from .fileio import InputError, write_json
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("image_tokenizer", "vae", "pretrain", "sft")
+STAGES = ("image_tokenizer", "vae", "pretrain", "sft", "edit_sft")
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -61,11 +61,16 @@ class TrainConfig:
     canvas: int = field(default=64, metadata={"help": "image size in px"})
     paraphrase_probability: float = field(default=0.5, metadata={"help": "share of captions that are paraphrases"})
     category_weights: dict[str, float] | None = field(default=None, metadata={"help": "t2i category mix (default: all)"})
+    edit_fraction: float = field(default=0.75, metadata={"help": "edit_sft: share of each batch that is edit pairs (the rest is t2i)"})
+    edit_category_weights: dict[str, float] | None = field(default=None, metadata={"help": "edit_sft: edit category mix (default: all 9, keep included)"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "older checkpoints are deleted"})
     log_every: int = field(default=10, metadata={"help": "steps between metric rows"})
     mixed_precision: str = field(default="no", metadata={"help": "no / fp16 / bf16 (accelerate)"})
-    init_from: str | None = field(default=None, metadata={"help": "sft: the pretrained model folder"})
+    init_from: str | None = field(default=None, metadata={"help": "sft / edit_sft: the model folder to start from; vae: a VAE folder to fine-tune"})
+    train_only: list[str] | None = field(
+        default=None, metadata={"help": "train only parameters whose names start with one of these prefixes (e.g. [decoder]); the rest stay frozen"}
+    )
     text_tokenizer_dir: str | None = field(default=None, metadata={"help": "pretrain: the trained text tokenizer folder"})
     image_tokenizer_dir: str | None = field(default=None, metadata={"help": "pretrain: the trained image tokenizer folder"})
     vae_dir: str | None = field(default=None, metadata={"help": "pretrain: the trained VAE folder"})
@@ -78,8 +83,10 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
-        if self.stage == "sft" and not self.init_from:
-            raise ValueError("the sft stage needs init_from (a pretrained model folder)")
+        if self.stage in ("sft", "edit_sft") and not self.init_from:
+            raise ValueError(f"the {self.stage} stage needs init_from (a model folder, or a bundled model's name)")
+        if not 0 < self.edit_fraction < 1:
+            raise ValueError(f"edit_fraction must be in (0, 1) so that every batch mixes edits and t2i, got {self.edit_fraction}")
         if self.stage == "pretrain" and not (self.text_tokenizer_dir and self.image_tokenizer_dir and self.vae_dir):
             raise ValueError("the pretrain stage needs text_tokenizer_dir, image_tokenizer_dir and vae_dir")
 
@@ -245,7 +252,10 @@ class VaeStage(PretrainedModuleStage):
 
         from .vae import tiny_vae_config
 
-        self.module = AutoencoderDC(**{**tiny_vae_config(), **cfg.parts.get("vae", {})})
+        if cfg.init_from:
+            self.module = AutoencoderDC.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
+        else:
+            self.module = AutoencoderDC(**{**tiny_vae_config(), **cfg.parts.get("vae", {})})
         self.calibration_seed, self.canvas = cfg.seed + 20_000, cfg.canvas
 
     @functools.cached_property
@@ -287,8 +297,10 @@ class ModelStage(PretrainedModuleStage):
         from .modeling import Blip3oNext, Blip3oNextConfig, build_model, tiny_parts_configs
 
         self.cfg = cfg
-        if cfg.stage == "sft":
-            model = Blip3oNext.from_pretrained(cfg.init_from)
+        if cfg.stage in ("sft", "edit_sft"):
+            from .pipeline import resolve_model_path
+
+            model = Blip3oNext.from_pretrained(resolve_model_path(cfg.init_from), torch_dtype=torch.float32)
             model.config = dataclasses.replace(model.config, **cfg.model)
         else:
             tok = PreTrainedTokenizerFast.from_pretrained(cfg.text_tokenizer_dir)
@@ -303,6 +315,7 @@ class ModelStage(PretrainedModuleStage):
         self.module = model
 
     def loss(self, model, samples, generators):
+        """Samples with a "reference" image are edits (caption = instruction, image = target); the rest t2i."""
         from .autoregressive import build_sequences
         from .vae import encode_latents
 
@@ -311,11 +324,19 @@ class ModelStage(PretrainedModuleStage):
         core.vae.eval()
         device = next(p for p in model.parameters() if p.requires_grad).device
         x = _images(samples).to(device)
+        is_edit = torch.tensor(["reference" in s for s in samples], device=device)
+        reference_codes, reference_latents = None, None
         with torch.no_grad():
             codes = core.image_tokenizer.encode(x)
             latents = encode_latents(core.vae, x)
-        ids, mask, labels = build_sequences(core.tokenizer, core.image_vocab, [s["caption"] for s in samples], codes, self.cfg.max_prompt_tokens)
-        out = model(ids.to(device), mask.to(device), labels.to(device), latents, generators)
+            if is_edit.any():  # t2i rows get placeholders (their own image) that the model never reads
+                r = _images([{"image": s.get("reference", s["image"])} for s in samples]).to(device)
+                reference_latents = encode_latents(core.vae, r)
+                reference_codes = [c if e else None for c, e in zip(core.image_tokenizer.encode(r).tolist(), is_edit.tolist())]
+        ids, mask, labels = build_sequences(
+            core.tokenizer, core.image_vocab, [s["caption"] for s in samples], codes, self.cfg.max_prompt_tokens, reference_codes
+        )
+        out = model(ids.to(device), mask.to(device), labels.to(device), latents, generators, reference_latents, is_edit if is_edit.any() else None)
         return out.loss, {"ce": out.ce_loss.item(), "flow_matching": out.flow_matching_loss.item()}
 
     def preview(self, module, samples):
@@ -326,8 +347,38 @@ class ModelStage(PretrainedModuleStage):
         return np.concatenate([truth, np.stack([np.asarray(i) for i in out.images]), np.stack([np.asarray(i) for i in out.blueprint_previews])], axis=2)
 
 
+class EditStage(ModelStage):
+    """Edit SFT: a text-to-image model gains the reference-image paths (enable_editing) and trains on edit pairs
+    of all categories mixed with t2i samples, so generation does not regress."""
+
+    SWITCHES = ("reference_cross_attention", "reference_noise_injection", "reference_injection_axis")
+
+    def __init__(self, cfg: TrainConfig):
+        from .modeling import enable_editing
+
+        super().__init__(cfg)
+        switches = {k: cfg.model[k] for k in self.SWITCHES if k in cfg.model}
+        enable_editing(self.module, cfg.parts.get("reference_connector"), **switches)
+        for part in (self.module.image_tokenizer, self.module.vae):
+            part.requires_grad_(False).eval()
+
+    def preview(self, module, samples):
+        """Per sample: source (blank for t2i), truth, output, blueprint preview."""
+        from .pipeline import Pipeline
+
+        pipe = Pipeline(module)
+        strips = []
+        for s in samples:
+            kw = dict(seed=0, num_inference_steps=10)
+            out = pipe.edit(s["reference"], s["caption"], **kw) if "reference" in s else pipe(s["caption"], **kw)
+            source = s.get("reference", np.full_like(s["image"], 255))
+            strips.append(np.concatenate([source, s["image"], np.asarray(out.images[0]), np.asarray(out.blueprint_previews[0])], axis=1))
+        return np.stack(strips)
+
+
 def make_stage(cfg: TrainConfig) -> Stage:
-    return {"image_tokenizer": ImageTokenizerStage, "vae": VaeStage, "pretrain": ModelStage, "sft": ModelStage}[cfg.stage](cfg)
+    stages = {"image_tokenizer": ImageTokenizerStage, "vae": VaeStage, "pretrain": ModelStage, "sft": ModelStage, "edit_sft": EditStage}
+    return stages[cfg.stage](cfg)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -411,8 +462,26 @@ def global_batch(cfg: TrainConfig, position: int, rank: int, world: int) -> list
 
     per_rank = cfg.batch_size // world
     start = position + rank * per_rank
+    if cfg.stage == "edit_sft":
+        return [mixed_sample(cfg, index) for index in range(start, start + per_rank)]
     stream = t2i_samples(cfg.seed, cfg.canvas, cfg.category_weights, cfg.paraphrase_probability, start=start)
     return [{**s, "index": start + i} for i, s in enumerate(islice(stream, per_rank))]
+
+
+def is_edit_position(index: int, edit_fraction: float) -> bool:
+    """Spreads edits evenly over the stream (0.75: three of every four positions), so every batch slice mixes both."""
+    return math.floor((index + 1) * edit_fraction) > math.floor(index * edit_fraction)
+
+
+def mixed_sample(cfg: TrainConfig, index: int) -> dict:
+    """Sample `index` of the edit SFT stream: an edit pair (source as "reference", target as "image", the
+    instruction as "caption") or a t2i sample, each drawn from its own seeded stream at that position."""
+    from .shapeworld.dataset import edit_samples, t2i_samples
+
+    if is_edit_position(index, cfg.edit_fraction):
+        s = next(edit_samples(cfg.seed, cfg.canvas, cfg.edit_category_weights, cfg.paraphrase_probability, start=index))
+        return {**s, "image": s["target"], "reference": s["source"], "caption": s["instruction"], "prompt": s["instruction"], "index": index}
+    return {**next(t2i_samples(cfg.seed, cfg.canvas, cfg.category_weights, cfg.paraphrase_probability, start=index)), "index": index}
 
 
 def sample_generators(cfg: TrainConfig, samples: list[dict]) -> list[torch.Generator]:
@@ -439,6 +508,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     if cfg.stage == "image_tokenizer" and accelerator.is_main_process and not (out / "text_tokenizer").is_dir():
         save_text_tokenizer(out / "text_tokenizer", cfg)
     stage = make_stage(cfg)
+    if cfg.train_only:
+        freeze_all_but(stage.module, cfg.train_only)
     params = [p for p in stage.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -489,6 +560,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         stage.save(accelerator.unwrap_model(model), out / "final")
     accelerator.wait_for_everyone()
     return out
+
+
+def freeze_all_but(module: nn.Module, prefixes: list[str]) -> None:
+    """Freeze every parameter whose name starts with none of `prefixes` (e.g. fine-tune a VAE's decoder only, so
+    the latent space the diffusion model was trained on stays exactly as it was)."""
+    names = [name for name, _ in module.named_parameters()]
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in names):
+            raise ValueError(f"train_only: no parameter name starts with {prefix!r}")
+    for name, p in module.named_parameters():
+        if not any(name.startswith(prefix) for prefix in prefixes):
+            p.requires_grad_(False)
 
 
 def check_replicas(accelerator: Accelerator, params: list[torch.Tensor], out: Path) -> None:
