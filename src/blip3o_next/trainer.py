@@ -329,10 +329,12 @@ class ModelStage(PretrainedModuleStage):
         with torch.no_grad():
             codes = core.image_tokenizer.encode(x)
             latents = encode_latents(core.vae, x)
-            if is_edit.any():  # t2i rows get placeholders (their own image) that the model never reads
-                r = _images([{"image": s.get("reference", s["image"])} for s in samples]).to(device)
-                reference_latents = encode_latents(core.vae, r)
-                reference_codes = [c if e else None for c, e in zip(core.image_tokenizer.encode(r).tolist(), is_edit.tolist())]
+            if is_edit.any():  # only the edit rows' references are encoded; t2i rows keep placeholders the model never reads
+                r = _images([{"image": s["reference"]} for s in samples if "reference" in s]).to(device)
+                reference_latents = latents.clone()
+                reference_latents[is_edit] = encode_latents(core.vae, r)
+                edit_codes = iter(core.image_tokenizer.encode(r).tolist())
+                reference_codes = [next(edit_codes) if e else None for e in is_edit.tolist()]
         ids, mask, labels = build_sequences(
             core.tokenizer, core.image_vocab, [s["caption"] for s in samples], codes, self.cfg.max_prompt_tokens, reference_codes
         )
@@ -358,9 +360,7 @@ class EditStage(ModelStage):
 
         super().__init__(cfg)
         switches = {k: cfg.model[k] for k in self.SWITCHES if k in cfg.model}
-        enable_editing(self.module, cfg.parts.get("reference_connector"), **switches)
-        for part in (self.module.image_tokenizer, self.module.vae):
-            part.requires_grad_(False).eval()
+        enable_editing(self.module, cfg.parts.get("reference_connector"), **switches)  # tokenizer and VAE stay frozen
 
     def preview(self, module, samples):
         """Per sample: source (blank for t2i), truth, output, blueprint preview."""
