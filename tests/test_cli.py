@@ -27,7 +27,7 @@ def run(args, capsys):
 
 
 @pytest.mark.parametrize("command", [[], ["data"], ["data", "render"], ["data", "export"], ["eval"], ["eval", "t2i"], ["eval", "edit"],
-                                     ["eval", "imgedit"], ["edit"]])
+                                     ["eval", "imgedit"], ["edit"], ["train"]])
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as e:
         main(command + ["--help"])

@@ -285,17 +285,20 @@ def cmd_eval_imgedit(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import Recipe, TrainConfig, is_recipe, run_recipe, train
+    from .grpo import GRPOConfig, train_grpo
+    from .trainer import Recipe, is_recipe, run_recipe, train_stage_file
 
-    if is_recipe(args.config):
+    if args.kind == "grpo":  # also for a file without `stage: grpo`, whose settings GRPOConfig then checks
+        out = train_grpo(GRPOConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps))
+    elif is_recipe(args.config):
         if args.output_dir or args.steps:
             raise InputError(f"{args.config}: --output-dir and --steps apply to one stage, not to a recipe")
         timings = run_recipe(Recipe.from_yaml(args.config))
         print("finished: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + f"; total {sum(timings.values()) / 60:.1f} min")
         return 0
-    cfg = TrainConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps)
-    out = train(cfg)
-    print(f"wrote {out}/ (checkpoints, final/, metrics.csv, loss_curves.png, samples-*.png, tensorboard/)")
+    else:
+        out = train_stage_file(args.config, output_dir=args.output_dir, steps=args.steps)
+    print(f"wrote {out}/ (checkpoints, final/, metrics.csv, curves and sample grids, tensorboard/; GRPO: before/after evaluation)")
     return 0
 
 
@@ -458,13 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_data_export)
 
     tr = commands.add_parser(
-        "train", help="run a training stage (image_tokenizer, vae, pretrain, sft, edit_sft) or a whole recipe from YAML", formatter_class=fmt,
+        "train", help="run a training stage (image_tokenizer, vae, pretrain, sft, edit_sft, grpo) or a whole recipe from YAML", formatter_class=fmt,
         description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the bundled model "
         "from scratch). Each stage resumes from the newest checkpoint in its output folder. Runs under "
-        "`accelerate launch` or `torchrun` for several processes.",
+        "`accelerate launch` or `torchrun` for several processes. `blip3o train grpo --config configs/tiny/6_grpo.yaml` "
+        "runs reinforcement learning (GRPO on the AR model with verifier rewards; settings: blip3o_next.grpo.GRPOConfig).",
     )
+    tr.add_argument("kind", nargs="?", choices=("grpo",), help="grpo: reinforcement learning (also chosen by `stage: grpo` in the YAML)")
     tr.add_argument("--config", required=True, metavar="YAML",
-                    help="a stage's settings (fields of blip3o_next.trainer.TrainConfig) or a recipe (a `stages:` list)")
+                    help="a stage's settings (fields of blip3o_next.trainer.TrainConfig, or GRPOConfig for grpo) or a recipe (a `stages:` list)")
     tr.add_argument("--output-dir", help="override the config's output_dir")
     tr.add_argument("--steps", type=_positive, help="override the config's number of steps")
     tr.set_defaults(func=cmd_train)

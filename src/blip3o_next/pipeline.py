@@ -152,13 +152,17 @@ class Pipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         progress: bool = False,
+        latents: torch.Tensor | None = None,
     ) -> PipelineOutput:
         """Generate one image per prompt. Unset options take the model's defaults (its config);
-        `sampling` replaces all AR sampling options at once."""
+        `sampling` replaces all AR sampling options at once. `latents` (B, C, H, W), as in diffusers, are the
+        diffusion's starting noise (e.g. shared by images that should differ only in their blueprints)."""
         prompts = _texts(prompts, "prompt")
         options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p)
+        if latents is not None and tuple(latents.shape) != (len(prompts), *self.model.latent_shape):
+            raise ValueError(f"latents must have shape {(len(prompts), *self.model.latent_shape)}, got {tuple(latents.shape)}")
         ids, mask = self.tokenize(prompts)
-        return self._render(ids, mask, *options, _generator(generator, seed), progress)
+        return self._render(ids, mask, *options, _generator(generator, seed), progress, noise=latents)
 
     @torch.no_grad()
     def edit(
@@ -217,9 +221,10 @@ class Pipeline:
         generator: torch.Generator | None,
         progress: bool,
         reference_latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> PipelineOutput:
         """From AR inputs to images: (1) the blueprint and its hidden states in one cached pass, (2) the connector
-        (plus an edit's reference latents), (3) CFG flow-matching sampling, (4) decoding."""
+        (plus an edit's reference latents), (3) CFG flow-matching sampling (from `noise` if given), (4) decoding."""
         model = self.model
         bp = sample_blueprint(model.ar, ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator)
         if model.config.condition_source == "prompt":  # the no-blueprint ablation: the prompt's states
@@ -231,6 +236,7 @@ class Pipeline:
         latents = sample_latents(
             self.transformer, model.scheduler.config, condition, model.latent_shape,
             num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
+            latents=None if noise is None else noise.to(self.device, condition.tokens.dtype),
         )
         images = tensor_to_images(decode_latents(model.vae, latents))
         previews = tensor_to_images(model.image_tokenizer.decode(bp.codes))

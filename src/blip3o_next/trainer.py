@@ -92,22 +92,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
-        """Read a stage config. `extends: OTHER.yaml` (relative to this file) starts from another config; keys
-        given here replace its keys (whole values: a `model:` mapping here replaces the base's)."""
-        data = _read_yaml(path)
-        if "extends" in data:
-            base = _read_yaml(Path(path).parent / str(data.pop("extends")))
-            base.pop("extends", None)
-            data = {**base, **data}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{path}: {e}") from None
+        return config_from_yaml(cls, path, **overrides)
 
 
 @dataclass
@@ -138,8 +123,36 @@ class Recipe:
         return recipe
 
 
+def config_from_yaml(cls: type, path: str | os.PathLike, **overrides: Any) -> Any:
+    """Read a config dataclass from YAML. `extends: OTHER.yaml` (relative to this file) starts from another
+    config; keys given here replace its keys (whole values: a `model:` mapping here replaces the base's).
+    Overrides that are None are ignored; unknown keys and invalid values raise a one-line InputError."""
+    data = _read_yaml(path)
+    if "extends" in data:
+        base = _read_yaml(Path(path).parent / str(data.pop("extends")))
+        base.pop("extends", None)
+        data = {**base, **data}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: {e}") from None
+
+
 def is_recipe(path: str | os.PathLike) -> bool:
     return "stages" in _read_yaml(path)
+
+
+def read_stage(path: str | os.PathLike) -> str | None:
+    """The `stage:` a config file names (following `extends:`), without validating the rest."""
+    data = _read_yaml(path)
+    if "stage" not in data and "extends" in data:
+        return read_stage(Path(path).parent / str(data["extends"]))
+    return data.get("stage")
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
@@ -157,15 +170,23 @@ def run_recipe(recipe: Recipe) -> dict[str, float]:
     timings: dict[str, float] = {}
     outputs = []
     for stage_file in recipe.stages:
-        cfg = TrainConfig.from_yaml(stage_file)
         start = time.perf_counter()
-        outputs.append(train(cfg))
+        outputs.append(train_stage_file(stage_file))
         timings[Path(stage_file).stem] = round(time.perf_counter() - start, 1)
     if recipe.export_to:
         export_model(recipe.export_from or str(outputs[-1] / "final"), recipe.export_to, recipe.export_dtype)
     if recipe.docs_dir:
         copy_training_docs(outputs, [Path(f).stem for f in recipe.stages], Path(recipe.docs_dir), timings)
     return timings
+
+
+def train_stage_file(path: str | os.PathLike, **overrides: Any) -> Path:
+    """Run the stage a config file describes (GRPO for `stage: grpo`, else `train`); returns its output folder."""
+    if read_stage(path) == "grpo":
+        from .grpo import GRPOConfig, train_grpo
+
+        return train_grpo(GRPOConfig.from_yaml(path, **overrides))
+    return train(TrainConfig.from_yaml(path, **overrides))
 
 
 def export_model(source: str | os.PathLike, dest: str | os.PathLike, dtype: str = "float16") -> None:
@@ -178,8 +199,9 @@ def export_model(source: str | os.PathLike, dest: str | os.PathLike, dtype: str 
 def copy_training_docs(outputs: list[Path], names: list[str], docs: Path, timings: dict[str, float]) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     for out, name in zip(outputs, names):
-        if (out / "loss_curves.png").is_file():
-            shutil.copyfile(out / "loss_curves.png", docs / f"{name}_loss_curves.png")
+        for curves in ("loss_curves.png", "reward_curves.png"):
+            if (out / curves).is_file():
+                shutil.copyfile(out / curves, docs / f"{name}_{curves}")
         grids = sorted(out.glob("samples-*.png"))
         if grids:
             shutil.copyfile(grids[-1], docs / f"{name}_samples.png")
@@ -647,7 +669,8 @@ class MetricsLog:
         with open(path) as f:
             return list(csv.DictReader(f))
 
-    def plot(self) -> None:
+    def plot(self, filename: str = "loss_curves.png", keys: list[str] | None = None, log_scale: bool = True, title: str = "training losses") -> None:
+        """A PNG of the logged `keys` over steps (default: every column but lr and throughput)."""
         if not self.enabled:
             return
         import matplotlib
@@ -658,17 +681,18 @@ class MetricsLog:
         rows = self._rows()
         if not rows:
             return
-        keys = [k for k in rows[0] if k not in ("step", "lr", "samples_per_s")]
+        keys = keys or [k for k in rows[0] if k not in ("step", "lr", "samples_per_s")]
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [int(r["step"]) for r in rows]
         for k in keys:
             ax.plot(steps, [float(r[k]) if r.get(k) not in (None, "") else float("nan") for r in rows], label=k)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
+        if log_scale:
+            ax.set_yscale("log")
         ax.legend()
-        ax.set_title("training losses")
+        ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(self.out / "loss_curves.png", dpi=100)
+        fig.savefig(self.out / filename, dpi=100)
         plt.close(fig)
 
     def close(self) -> None:

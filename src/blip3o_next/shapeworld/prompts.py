@@ -207,6 +207,22 @@ def canonical_prompt(category: str, rng: np.random.Generator) -> Prompt:
     return Prompt(requirement_text(req, prefix=prefix), category, req)
 
 
+COMPOSITION = "composition"
+
+
+def composition_prompt(rng: np.random.Generator) -> Prompt:
+    """One or two shapes, each with a count (1-3) and maybe a colour: the skills of the single-object, two-object,
+    counting and colours categories combined (e.g. "a photo of two red circles and a square"). Some draws are
+    canonical prompts of those categories; RL prompt sets filter out the evaluation suite's."""
+    shapes = _distinct(rng, SHAPES, int(rng.integers(1, 3)))
+    groups = tuple(
+        ObjectSpec(shape=shape, count=int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])), color=_distinct(rng, COLORS, 1)[0] if rng.random() < 0.7 else None)
+        for shape in shapes
+    )
+    req = Requirement(groups=groups)
+    return Prompt(requirement_text(req), COMPOSITION, req)
+
+
 def canonical_suite(per_category: int, seed: int = 0, categories: Sequence[str] = CATEGORIES) -> list[Prompt]:
     """A fixed, de-duplicated prompt suite: `per_category` prompts for each category (fewer if the category is smaller)."""
     out = []
