@@ -187,6 +187,9 @@ def test_one_grpo_step_on_the_bundled_model_changes_only_the_ar(tmp_path):
     assert changed == {"ar"}
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2 and "reward_strict" in rows[0]
+    assert any(f"reward_{c}" in rows[0] for c in ("position", "color_attr", "text", "dense", "composition"))  # per category too
+    first = dict(zip(rows[0].split(","), rows[1].split(",")))
+    assert float(first["kl"]) == 0.0  # the one update starts from the reference itself
     assert (out / "reward_curves.png").is_file() and (out / "checkpoint-0000001" / "trainer_state.json").is_file()
 
 

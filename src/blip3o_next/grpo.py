@@ -339,9 +339,11 @@ def grpo_step(pipe, reference, prompts: list[Prompt], reward: VerifierReward, op
         rollouts = sample_rollouts(pipe, prompts, cfg, generator)
     rewards = reward([p.requirement for p in rollouts.prompts], rollouts.images)
     stats = policy_update(pipe.model.ar, reference, pipe.model.image_vocab, rollouts, rewards.total, optimizer, params, cfg)
+    categories = np.array([p.category for p in rollouts.prompts])
     return {
         "reward": rewards.total.mean().item(),
         **{f"reward_{name}": value for name, value in rewards.means().items()},
+        **{f"reward_{c}": rewards.total[torch.as_tensor(categories == c)].mean().item() for c in np.unique(categories)},
         "reward_std_in_group": rewards.total.view(-1, cfg.num_generations).std(1).mean().item(),
         **stats,
         "lr": optimizer.param_groups[0]["lr"],
