@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blip3o_next.autoregressive import blueprint_hidden_states
 from blip3o_next.diffusion import sample_latents
 from blip3o_next.evaluation import T2IItem, evaluate_t2i, format_t2i_table, geneval_suite
 from blip3o_next.image_tokenizer import images_to_tensor, tensor_to_images
@@ -33,13 +34,7 @@ def render_true_blueprints(pipe: Pipeline, texts: list[str], images: np.ndarray,
     model = pipe.model
     codes = model.image_tokenizer.encode(images_to_tensor(images))
     ids, mask = pipe.tokenize(texts)
-    vocab = model.image_vocab
-    prefix = torch.tensor([vocab.im_start, vocab.scales[0]]).expand(len(texts), 2)
-    sequence = torch.cat([ids, prefix, codes + vocab.image_offset], 1)
-    full_mask = torch.cat([mask, torch.ones_like(prefix), torch.ones_like(codes)], 1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.ar.model(input_ids=sequence, attention_mask=full_mask, position_ids=positions).last_hidden_state
-    condition = model.condition(hidden[:, -model.span_length :])  # <S0> and the image tokens, as the sampler keeps them
+    condition = model.condition(blueprint_hidden_states(model.ar, model.image_vocab, ids, mask, codes))
     cfg = model.config
     latents = sample_latents(pipe.transformer, model.scheduler.config, condition, model.latent_shape, cfg.num_inference_steps, cfg.guidance_scale, generator)
     return list(tensor_to_images(decode_latents(model.vae, latents)))

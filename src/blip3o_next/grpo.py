@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .autoregressive import SamplingConfig, position_ids_from_mask
+from .autoregressive import SamplingConfig, blueprint_hidden_states
 from .fileio import save_png, write_json
 from .rewards import DEFAULT_REWARD_WEIGHTS, REWARD_NAMES, VerifierReward, check_reward_weights
 from .shapeworld.prompts import CATEGORIES, COMPOSITION, Prompt, canonical_prompt, canonical_suite, composition_prompt
@@ -153,12 +153,8 @@ class TrainingPrompts:
 def token_logprobs(ar, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities (B, n) of the image codes after left-padded prompts under `ar`, over the image codebook
     only (the blueprint sampler's support), at `temperature`."""
-    n = codes.shape[1]
-    prefix = torch.tensor([vocab.im_start, vocab.scales[0]], device=input_ids.device).expand(input_ids.shape[0], 2)
-    ids = torch.cat([input_ids, prefix, codes + vocab.image_offset], 1)
-    mask = torch.cat([attention_mask, torch.ones_like(prefix), torch.ones_like(codes)], 1)
-    hidden = ar.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
-    logits = ar.lm_head(hidden[:, -n - 1 : -1])[..., vocab.image_offset : vocab.vocab_end].float() / temperature  # <S0>..c_{n-1} predict c_1..c_n
+    hidden = blueprint_hidden_states(ar, vocab, input_ids, attention_mask, codes)[:, :-1]  # <S0>..c_{n-1} predict c_1..c_n
+    logits = ar.lm_head(hidden)[..., vocab.image_offset : vocab.vocab_end].float() / temperature
     return logits.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1)
 
 
