@@ -1,6 +1,10 @@
 """GRPO: the verifier rewards on hand-made images, the objective's pieces, a toy run that provably moves the
 policy toward higher-reward tokens, and one real step on the bundled model (only the AR part changes)."""
 
+import csv
+import dataclasses
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -199,6 +203,24 @@ def test_one_grpo_step_on_the_bundled_model_changes_only_the_ar(tmp_path):
     first = dict(zip(rows[0].split(","), rows[1].split(",")))
     assert float(first["kl"]) == 0.0  # the one update starts from the reference itself
     assert (out / "reward_curves.png").is_file() and (out / "checkpoint-0000001" / "trainer_state.json").is_file()
+
+
+def _metrics(out) -> list[dict]:
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grpo_resumes_from_its_last_checkpoint(tmp_path, caplog):
+    """A run extended by more steps resumes where it stopped (same optimizer, prompts drawn by step), not anew."""
+    cfg = GRPOConfig(output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=1, num_generations=2, num_inference_steps=1,
+                     lr=1e-3, eval_per_category=0, checkpoint_every=1)
+    (first,) = _metrics(train_grpo(cfg))
+    with caplog.at_level(logging.INFO, logger="blip3o_next.grpo"):
+        out = train_grpo(dataclasses.replace(cfg, steps=2))
+    assert "resumed from" in caplog.text and "(step 1)" in caplog.text
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == ["1", "2"] and {k: rows[0][k] for k in first} == first  # step 1 kept, not redone
+    assert (out / "checkpoint-0000002").is_dir()
 
 
 def test_grpo_cli_rejects_a_bad_config(tmp_path, capsys):
