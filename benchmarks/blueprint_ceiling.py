@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from blip3o_next.autoregressive import blueprint_hidden_states
 from blip3o_next.diffusion import sample_latents
-from blip3o_next.evaluation import T2IItem, evaluate_t2i, format_t2i_table, geneval_suite
+from blip3o_next.evaluation import evaluate_t2i, format_t2i_table, geneval_suite, prompt_jobs, t2i_items
 from blip3o_next.image_tokenizer import images_to_tensor, tensor_to_images
 from blip3o_next.pipeline import Pipeline
 from blip3o_next.shapeworld.render import render
@@ -52,7 +51,7 @@ def main() -> None:
 
     pipe = Pipeline.from_pretrained(args.model)
     prompts, counts = geneval_suite(args.per_category, seed=args.suite_seed)
-    jobs = [i for i, n in enumerate(counts) for _ in range(n)]
+    jobs = prompt_jobs(counts)
     rng = np.random.default_rng(args.seed)
     scenes = [render(sample_scene_for(prompts[i].requirement, rng, pipe.model.config.image_size)) for i in jobs]
     generator = torch.Generator().manual_seed(args.seed)
@@ -60,10 +59,7 @@ def main() -> None:
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         outputs += render_true_blueprints(pipe, [prompts[i].text for i in batch], np.stack(scenes[start : start + args.batch_size]), generator)
-    images: dict[int, list[np.ndarray]] = {i: [] for i in range(len(prompts))}
-    for i, image in zip(jobs, outputs):
-        images[i].append(image)
-    items = [T2IItem(str(i), p.text, p.category, p.requirement, images[i], [Path(f"{i}_{j}") for j in range(counts[i])]) for i, p in enumerate(prompts)]
+    items = t2i_items(prompts, jobs, outputs)
     _, summary = evaluate_t2i(items)
     print(f"true blueprints through {args.model}'s AR, connector, diffusion and VAE:")
     print(format_t2i_table(summary))

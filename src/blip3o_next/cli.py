@@ -285,19 +285,16 @@ def cmd_eval_imgedit(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .grpo import GRPOConfig, train_grpo
     from .trainer import Recipe, is_recipe, run_recipe, train_stage_file
 
-    if args.kind == "grpo":  # also for a file without `stage: grpo`, whose settings GRPOConfig then checks
-        out = train_grpo(GRPOConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps))
-    elif is_recipe(args.config):
+    if args.kind is None and is_recipe(args.config):
         if args.output_dir or args.steps:
             raise InputError(f"{args.config}: --output-dir and --steps apply to one stage, not to a recipe")
         timings = run_recipe(Recipe.from_yaml(args.config))
         print("finished: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + f"; total {sum(timings.values()) / 60:.1f} min")
         return 0
-    else:
-        out = train_stage_file(args.config, output_dir=args.output_dir, steps=args.steps)
+    # `grpo` also runs a file without `stage: grpo`, whose settings GRPOConfig then checks.
+    out = train_stage_file(args.config, args.kind, output_dir=args.output_dir, steps=args.steps)
     print(f"wrote {out}/ (checkpoints, final/, metrics.csv, curves and sample grids, tensorboard/; GRPO: before/after evaluation)")
     return 0
 

@@ -132,13 +132,23 @@ def generate_t2i_items(
     """
     if blueprint_only:
         generate_kwargs["num_inference_steps"] = 1
-    jobs = [i for i, n in enumerate(images_per_prompt) for _ in range(n)]
+    jobs = prompt_jobs(images_per_prompt)
     out = pipe.generate_in_batches([prompts[i].text for i in jobs], batch_size, seed, progress, **generate_kwargs)
-    images: dict[int, list[np.ndarray]] = {i: [] for i in range(len(prompts))}
-    for i, image in zip(jobs, out.blueprint_previews if blueprint_only else out.images):
-        images[i].append(np.asarray(image))
+    return t2i_items(prompts, jobs, out.blueprint_previews if blueprint_only else out.images)
+
+
+def prompt_jobs(images_per_prompt: Sequence[int]) -> list[int]:
+    """The prompt index of each image to make, in generation order."""
+    return [i for i, n in enumerate(images_per_prompt) for _ in range(n)]
+
+
+def t2i_items(prompts: Sequence, jobs: Sequence[int], images: Sequence) -> list[T2IItem]:
+    """Group generated images (one per job, PIL or arrays) by their canonical prompt, ready to score."""
+    grouped: dict[int, list[np.ndarray]] = {i: [] for i in range(len(prompts))}
+    for i, image in zip(jobs, images):
+        grouped[i].append(np.asarray(image))
     return [
-        T2IItem(f"{i:04d}_{p.category}", p.text, p.category, p.requirement, images[i], [Path(f"{i:04d}_{p.category}_{j}.png") for j in range(len(images[i]))])
+        T2IItem(f"{i:04d}_{p.category}", p.text, p.category, p.requirement, grouped[i], [Path(f"{i:04d}_{p.category}_{j}.png") for j in range(len(grouped[i]))])
         for i, p in enumerate(prompts)
     ]
 

@@ -353,10 +353,11 @@ def policy_update(ar, reference, vocab: ImageVocab, rollouts: Rollouts, rewards:
     inputs = (vocab, rollouts.input_ids, rollouts.attention_mask, rollouts.codes, cfg.temperature)
     with torch.no_grad():
         ref_logp = token_logprobs(reference, *inputs)
-        old_logp = token_logprobs(ar, *inputs) if cfg.updates_per_batch > 1 else None
+    old_logp = None  # the sampling policy's log-probs: those of the first update, before any step
     for _ in range(cfg.updates_per_batch):
         logp = token_logprobs(ar, *inputs)
-        loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, advantages, cfg.epsilon, cfg.beta)
+        old_logp = logp.detach() if old_logp is None else old_logp
+        loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, cfg.epsilon, cfg.beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .evaluation import parse_images
 from .scorers import check_t2i
 from .shapeworld.prompts import Requirement
 from .verifier import SceneParser
@@ -55,8 +56,6 @@ class VerifierReward:
         self.parser = parser or SceneParser()
 
     def __call__(self, requirements: Sequence[Requirement], images: Sequence[np.ndarray]) -> Rewards:
-        from .evaluation import parse_images
-
         if len(requirements) != len(images):
             raise ValueError(f"{len(requirements)} requirements for {len(images)} images")
         results = [check_t2i(req, scene) for req, scene in zip(requirements, parse_images(list(images), self.parser))]

@@ -180,9 +180,10 @@ def run_recipe(recipe: Recipe) -> dict[str, float]:
     return timings
 
 
-def train_stage_file(path: str | os.PathLike, **overrides: Any) -> Path:
-    """Run the stage a config file describes (GRPO for `stage: grpo`, else `train`); returns its output folder."""
-    if read_stage(path) == "grpo":
+def train_stage_file(path: str | os.PathLike, stage: str | None = None, **overrides: Any) -> Path:
+    """Run the stage a config file describes (GRPO for `stage: grpo`, or when `stage` says so; else `train`);
+    returns its output folder."""
+    if (stage or read_stage(path)) == "grpo":
         from .grpo import GRPOConfig, train_grpo
 
         return train_grpo(GRPOConfig.from_yaml(path, **overrides))
