@@ -5,7 +5,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
 from transformers import Qwen3Config
 
-from blip3o_next.autoregressive import SamplingConfig, build_ar_model, image_span_prefix, position_ids_from_mask, sample_blueprint
+from blip3o_next.autoregressive import (
+    SamplingConfig, build_ar_model, cache_length, image_span_prefix, position_ids_from_mask, sample_blueprint,
+)
 from blip3o_next.connector import RMSNORM_INIT, Connector
 from blip3o_next.diffusion import Condition, drop_condition, flow_matching_loss, noisy_latents, sample_latents
 from blip3o_next.text_tokenizer import ImageVocab
@@ -41,6 +43,22 @@ def test_generation_hidden_states_equal_a_full_forward(ar):
     with torch.no_grad():
         full = ar.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
     assert (full[:, -17:] - bp.hidden_states).abs().max().item() < 1e-4
+
+
+def test_decoding_steps_share_one_shape(ar):
+    """Every per-token step gets the same input shapes (so a compiled decoder compiles once), and a custom
+    decoder changes nothing."""
+    shapes = []
+
+    def recording_decoder(**inputs):
+        shapes.append(tuple(tuple(inputs[k].shape) for k in ("input_ids", "attention_mask", "position_ids", "cache_position")))
+        return ar.model(**inputs)
+
+    a = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 12, SamplingConfig(top_k=20), torch.Generator().manual_seed(3), recording_decoder)
+    b = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 12, SamplingConfig(top_k=20), torch.Generator().manual_seed(3))
+    assert len(shapes) == 12 and len(set(shapes)) == 1 and shapes[0][1] == (2, cache_length(PROMPTS.shape[1] + 2 + 12))
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.hidden_states, b.hidden_states)
+    assert (cache_length(1), cache_length(64), cache_length(65)) == (64, 64, 128)
 
 
 def test_greedy_and_bad_settings(ar):

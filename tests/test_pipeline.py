@@ -24,6 +24,14 @@ def test_generation_is_seeded(pipe):
     assert not torch.equal(a.blueprints, c.blueprints)
 
 
+def test_compiled_pipeline_gives_the_same_images(pipe):
+    compiled = Pipeline(pipe.model, compile_transformer=True, compile_ar=True)
+    prompts = ["a photo of a red circle", "two blue stars"]
+    a, b = pipe(prompts, seed=1, num_inference_steps=2), compiled(prompts, seed=1, num_inference_steps=2)
+    assert torch.equal(a.blueprints, b.blueprints)
+    assert max(np.abs(np.asarray(x, int) - np.asarray(y, int)).max() for x, y in zip(a.images, b.images)) <= 1
+
+
 def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     with caplog.at_level(logging.WARNING):
         out = pipe("a red circle " * 2000, seed=0, num_inference_steps=2, sampling=SamplingConfig(temperature=0))

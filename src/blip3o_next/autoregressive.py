@@ -9,11 +9,13 @@ only to read the hidden states.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM, StaticCache
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .text_tokenizer import ImageVocab
 
@@ -81,6 +83,12 @@ def _sample(logits: torch.Tensor, input_ids: torch.Tensor, sampling: SamplingCon
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def cache_length(sequence_length: int, bucket: int = 64) -> int:
+    """The static KV cache's length: the sequence rounded up to a multiple of `bucket`, so prompts of similar
+    length share one shape (a compiled decoder then compiles once per bucket, not once per prompt length)."""
+    return -(-sequence_length // bucket) * bucket
+
+
 @torch.no_grad()
 def sample_blueprint(
     model: Qwen3ForCausalLM,
@@ -90,32 +98,39 @@ def sample_blueprint(
     num_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
+    decoder: Callable[..., BaseModelOutputWithPast] | None = None,
 ) -> Blueprint:
     """Sample `num_tokens` image tokens after left-padded prompts, keeping the last-layer hidden states.
 
     One prefill over the prompt and `<im_start><S0>`, then one cached step per image token. Sampling is
-    restricted to the image codebook; every random draw uses `generator`.
+    restricted to the image codebook; every random draw uses `generator`. The KV cache, the attention mask and
+    the token buffer are allocated once, so every step has the same shapes; `decoder` (default `model.model`)
+    runs those steps, e.g. a `torch.compile`d `model.model` (see `Pipeline(compile_ar=True)`).
     """
+    decoder = model.model if decoder is None else decoder
     ids, mask = image_span_prefix(input_ids, attention_mask, vocab)
-    cache = DynamicCache(config=model.config)
+    batch, prefix = ids.shape
+    length = cache_length(prefix + num_tokens)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    # Positions past the current token are hidden by the causal mask, so the mask can be written once, in full.
+    full_mask = torch.cat([mask, mask.new_ones(batch, length - prefix)], 1)
+    tokens = torch.cat([ids, ids.new_zeros(batch, num_tokens)], 1)  # the processors read the history
     positions = position_ids_from_mask(mask)
-    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    out = model.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True, cache_position=torch.arange(prefix, device=ids.device))
     hidden = [out.last_hidden_state[:, -1:]]
     prompt_hidden = out.last_hidden_state[:, : input_ids.shape[1]]
     next_pos = positions[:, -1:] + 1
-    history = ids
-    codes = []
     for step in range(num_tokens):
         logits = model.lm_head(hidden[-1][:, -1])[:, vocab.image_offset : vocab.vocab_end]
-        code = _sample(logits, history, sampling, generator)
-        codes.append(code)
-        token = (code + vocab.image_offset)[:, None]
-        history = torch.cat([history, token], 1)
-        mask = torch.cat([mask, torch.ones_like(token)], 1)
-        out = model.model(input_ids=token, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
-        hidden.append(out.last_hidden_state)
+        at = prefix + step
+        tokens[:, at] = _sample(logits, tokens[:, :at], sampling, generator) + vocab.image_offset
+        out = decoder(input_ids=tokens[:, at : at + 1], attention_mask=full_mask, position_ids=next_pos, past_key_values=cache,
+                      use_cache=True, cache_position=torch.tensor([at], device=ids.device))
+        hidden.append(out.last_hidden_state.clone())  # a compiled decoder may reuse its output buffer
         next_pos = next_pos + 1
-    return Blueprint(codes=torch.stack(codes, 1), hidden_states=torch.cat(hidden, 1), prompt_hidden_states=prompt_hidden)
+    codes = tokens[:, prefix:] - vocab.image_offset
+    return Blueprint(codes=codes, hidden_states=torch.cat(hidden, 1), prompt_hidden_states=prompt_hidden)
 
 
 def image_block(vocab: ImageVocab, codes: list[int]) -> list[int]:
