@@ -15,7 +15,7 @@ from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
 from blip3o_next.shapeworld.edits import edit_suite
 
 WEIGHT_LIMIT_MB = 60
-# Measured on the committed `tiny` weights at their defaults (20 steps) with the suite below (per_category=4,
+# Measured on the committed `tiny` weights at their defaults (30 steps) with the suite below (per_category=4,
 # suite_seed=7, seed=0, batch 16): overall 0.25 (strict pass, six GenEval categories), mean partial credit 0.428
 # over all eight, text partial 0.563, dense partial 0.179. Partial credit is the finer signal on 4 images per
 # category; floors sit ~0.05 below.

@@ -56,9 +56,9 @@ class Pipeline:
 
     def __init__(self, model: Blip3oNext, device: str | torch.device = "cpu", compile_transformer: bool = False, compile_ar: bool = False):
         """`compile_transformer` and `compile_ar` run the diffusion transformer and the AR model's per-token step
-        through `compile_for_inference`: on this project's 2-core CPU, diffusion steps about 1.5x (batch 16) to
-        1.7x (batch 1) faster and AR steps about 2x, after a one-off compilation of tens of seconds per batch size.
-        Worth it for servers, evaluations and benchmarks, not for one image."""
+        through `compile_for_inference`: on this project's 2-core CPU, diffusion steps about 1.2-1.4x faster and AR
+        steps about 2x, after a one-off compilation of 15-40 s per batch size (docs/benchmarks.md). Worth it for
+        servers, evaluations and benchmarks, not for one image."""
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.transformer = compile_for_inference(self.model.transformer) if compile_transformer else self.model.transformer
@@ -254,11 +254,11 @@ class Pipeline:
 
 
 def compile_for_inference(module: torch.nn.Module) -> Callable:
-    """`torch.compile` for a module whose weights stay fixed: inductor's freezing folds the weights in as constants
-    (on a CPU, oneDNN prepacks them for its GEMMs and convolutions) and max-autotune picks the faster GEMM kernel
-    per shape. Shapes are static, so each new batch size compiles once. Weights changed after the first call are
-    not seen: compile only frozen modules (inference, or the frozen renderer during RL)."""
-    return torch.compile(module, dynamic=False, options={"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0})
+    """`torch.compile` for a module whose weights stay fixed. Inductor fuses the elementwise work between the
+    GEMMs, and its freezing folds the weights in as constants (on a CPU, oneDNN prepacks them for its GEMMs and
+    convolutions). Shapes are static, so each new batch size compiles once. Weights changed after the first call
+    are not seen: compile only frozen modules (inference, or the frozen renderer during RL)."""
+    return torch.compile(module, dynamic=False, options={"freezing": True})
 
 
 def _texts(texts: str | list[str], what: str) -> list[str]:
