@@ -44,10 +44,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed single-image runs")
     parser.add_argument("--batches", type=int, default=3, help="timed batch-16 runs")
     parser.add_argument("--steps", type=int, help="diffusion steps (default: the model's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
 
-    pipe = Pipeline.from_pretrained(args.model)
+    pipe = Pipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
     cfg = pipe.model.config
     steps = args.steps or cfg.num_inference_steps
     pipe(PROMPTS[0], seed=0, num_inference_steps=steps)  # warm-up
@@ -55,7 +56,7 @@ def main() -> None:
     batch = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
     batched = [timed(lambda k=k: pipe(batch, seed=k, num_inference_steps=steps)) for k in range(args.batches)]
     result = {
-        "settings": {"steps": steps, "guidance": cfg.guidance_scale, "threads": torch.get_num_threads()},
+        "settings": {"steps": steps, "guidance": cfg.guidance_scale, "threads": torch.get_num_threads(), "dtype": args.dtype},
         "batch1_seconds_best": round(min(singles), 3),
         "batch1_seconds_median": round(statistics.median(singles), 3),
         "batch16_images_per_s": round(16 / statistics.median(batched), 2),
@@ -63,7 +64,7 @@ def main() -> None:
         "parameters_m": round(sum(p.numel() for p in pipe.model.parameters()) / 1e6, 2),
     }
     print(f"one image (batch 1): median {result['batch1_seconds_median']:.3f} s, best {result['batch1_seconds_best']:.3f} s "
-          f"({steps} steps, guidance {cfg.guidance_scale}, {torch.get_num_threads()} threads)")
+          f"({steps} steps, guidance {cfg.guidance_scale}, {args.dtype}, {torch.get_num_threads()} threads)")
     print(f"batch 16: {result['batch16_images_per_s']:.2f} images/s")
     print(f"peak resident memory: {result['peak_rss_mib']:.0f} MiB ({result['parameters_m']} M parameters)")
     if args.json:

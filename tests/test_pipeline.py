@@ -1,5 +1,6 @@
 """Generation end to end with a tiny random model: determinism, outputs, prompt truncation, bad input."""
 
+import copy
 import logging
 
 import numpy as np
@@ -30,6 +31,12 @@ def test_compiled_pipeline_gives_the_same_images(pipe):
     a, b = pipe(prompts, seed=1, num_inference_steps=2), compiled(prompts, seed=1, num_inference_steps=2)
     assert torch.equal(a.blueprints, b.blueprints)
     assert max(np.abs(np.asarray(x, int) - np.asarray(y, int)).max() for x, y in zip(a.images, b.images)) <= 1
+
+
+def test_bfloat16_pipeline_is_seeded(pipe):
+    bf16 = Pipeline(copy.deepcopy(pipe.model).to(torch.bfloat16))
+    a, b = (bf16(["a photo of a red circle"], seed=2, num_inference_steps=2) for _ in range(2))
+    assert a.images[0].size == (64, 64) and np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
