@@ -56,8 +56,8 @@ class Pipeline:
 
     def __init__(self, model: Blip3oNext, device: str | torch.device = "cpu", compile_transformer: bool = False, compile_ar: bool = False):
         """`compile_transformer` and `compile_ar` run the diffusion transformer and the AR model's per-token step
-        through `compile_for_inference`: on this project's 2-core CPU, diffusion steps about 1.2-1.4x faster and AR
-        steps about 2x, after a one-off compilation of 15-40 s per batch size (docs/benchmarks.md). Worth it for
+        through `compile_for_inference`. On this project's 2-core CPU, diffusion steps ran 1.2-1.4x faster and the AR
+        part 1.5-2.9x, after a one-off compilation of 7-40 s per batch size (docs/benchmarks.md). Worth it for
         servers, evaluations and benchmarks, not for one image."""
         self.model = model.eval().to(device)
         self.device = torch.device(device)
