@@ -54,6 +54,16 @@ def test_ocr_reward_gives_partial_credit_for_a_near_miss():
     assert r.total.tolist() == pytest.approx([2 / 3, 0.0])
 
 
+def test_no_extra_reward_charges_each_extra_object():
+    reward = VerifierReward({"strict": 0.0, "partial": 0.0, "ocr": 0.0, "no_extra": 1.0})
+    asked = parse_prompt("a photo of two red circles")
+    images = [_scene_image(f"a photo of {n} red circles") for n in ("two", "three", "four")]
+    r = reward([asked] * 3, images)
+    assert r.parts["no_extra"].tolist() == pytest.approx([1.0, 1 / 2, 1 / 3])
+    assert r.total.tolist() == pytest.approx([1.0, 1 / 2, 1 / 3])
+    assert VerifierReward().weights["no_extra"] == 0.0  # off unless a config asks for it
+
+
 def test_bad_reward_weights_are_rejected():
     with pytest.raises(ValueError, match="unknown reward"):
         VerifierReward({"clip": 1.0})

@@ -7,6 +7,10 @@ Three rewards, each in [0, 1]:
     partial  the fraction of the prompt's atomic requirements met (partial credit, a denser signal);
     ocr      for prompts that ask for a word: 1 - Levenshtein(read, word) / len(word), 1 when contained
              (case- and space-insensitive); it does not apply to other prompts.
+and an optional fourth (weight 0 by default):
+    no_extra 1 / (1 + the number of extra objects and unwanted words). Partial credit charges all extras
+             together one requirement at most, so a policy can buy matched objects with extra ones; this
+             charges each extra.
 The total is their weighted sum (ocr counted only where it applies).
 """
 
@@ -23,8 +27,8 @@ from .scorers import check_t2i
 from .shapeworld.prompts import Requirement
 from .verifier import SceneParser
 
-REWARD_NAMES = ("strict", "partial", "ocr")
-DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0}
+REWARD_NAMES = ("strict", "partial", "ocr", "no_extra")
+DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0, "no_extra": 0.0}
 
 
 @dataclass
@@ -63,6 +67,7 @@ class VerifierReward:
             "strict": np.array([float(r.passed) for r in results]),
             "partial": np.array([r.partial for r in results]),
             "ocr": np.array([np.nan if r.ocr is None else r.ocr for r in results]),
+            "no_extra": np.array([1.0 / (1 + r.extra) for r in results]),
         }
         total = sum(self.weights[name] * np.nan_to_num(values, nan=0.0) for name, values in parts.items())
         return Rewards(total=torch.as_tensor(total, dtype=torch.float32), parts=parts)
