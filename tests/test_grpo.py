@@ -54,14 +54,15 @@ def test_ocr_reward_gives_partial_credit_for_a_near_miss():
     assert r.total.tolist() == pytest.approx([2 / 3, 0.0])
 
 
-def test_no_extra_reward_charges_each_extra_object():
-    reward = VerifierReward({"strict": 0.0, "partial": 0.0, "ocr": 0.0, "no_extra": 1.0})
+def test_precision_reward_charges_each_extra_object_and_an_empty_canvas():
+    reward = VerifierReward({"strict": 0.0, "partial": 0.0, "ocr": 0.0, "precision": 1.0})
     asked = parse_prompt("a photo of two red circles")
     images = [_scene_image(f"a photo of {n} red circles") for n in ("two", "three", "four")]
-    r = reward([asked] * 3, images)
-    assert r.parts["no_extra"].tolist() == pytest.approx([1.0, 1 / 2, 1 / 3])
-    assert r.total.tolist() == pytest.approx([1.0, 1 / 2, 1 / 3])
-    assert VerifierReward().weights["no_extra"] == 0.0  # off unless a config asks for it
+    empty = np.full_like(images[0], 255)  # a blank white canvas: nothing drawn
+    r = reward([asked] * 4, images + [empty])
+    assert r.parts["precision"].tolist() == pytest.approx([1.0, 2 / 3, 2 / 4, 0.0])
+    assert r.total.tolist() == pytest.approx([1.0, 2 / 3, 2 / 4, 0.0])
+    assert VerifierReward().weights["precision"] == 0.0  # off unless a config asks for it
 
 
 def test_bad_reward_weights_are_rejected():

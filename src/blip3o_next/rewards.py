@@ -8,9 +8,10 @@ Three rewards, each in [0, 1]:
     ocr      for prompts that ask for a word: 1 - Levenshtein(read, word) / len(word), 1 when contained
              (case- and space-insensitive); it does not apply to other prompts.
 and an optional fourth (weight 0 by default):
-    no_extra 1 / (1 + the number of extra objects and unwanted words). Partial credit charges all extras
-             together one requirement at most, so a policy can buy matched objects with extra ones; this
-             charges each extra.
+    precision the share of the drawn objects (and any unwanted word) that were asked for; 0 for an empty canvas
+             when objects were asked. Partial credit charges all extras together one requirement at most, so a
+             policy can buy matched objects with extra ones; precision charges each extra. (A penalty on extras
+             alone, 1 / (1 + extras), was tried first: it paid for empty canvases, and the policy learned them.)
 The total is their weighted sum (ocr counted only where it applies).
 """
 
@@ -27,8 +28,8 @@ from .scorers import check_t2i
 from .shapeworld.prompts import Requirement
 from .verifier import SceneParser
 
-REWARD_NAMES = ("strict", "partial", "ocr", "no_extra")
-DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0, "no_extra": 0.0}
+REWARD_NAMES = ("strict", "partial", "ocr", "precision")
+DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0, "precision": 0.0}
 
 
 @dataclass
@@ -67,7 +68,7 @@ class VerifierReward:
             "strict": np.array([float(r.passed) for r in results]),
             "partial": np.array([r.partial for r in results]),
             "ocr": np.array([np.nan if r.ocr is None else r.ocr for r in results]),
-            "no_extra": np.array([1.0 / (1 + r.extra) for r in results]),
+            "precision": np.array([r.precision for r in results]),
         }
         total = sum(self.weights[name] * np.nan_to_num(values, nan=0.0) for name, values in parts.items())
         return Rewards(total=torch.as_tensor(total, dtype=torch.float32), parts=parts)

@@ -54,7 +54,7 @@ class T2IResult:
     partial: float  # fraction of atomic requirements met (RL partial credit)
     reasons: list[str] = field(default_factory=list)  # why it failed (empty when passed)
     ocr: float | None = None  # OCR reward when a word was asked
-    extra: int = 0  # parsed objects beyond the asked ones, plus unwanted text
+    precision: float = 1.0  # share of the parsed objects (and any unwanted text) that were asked for
 
 
 def _matches(spec: ObjectSpec, obj: ShapeObject, canvas: int) -> bool:
@@ -138,7 +138,9 @@ def check_t2i(req: Requirement, scene: Scene) -> T2IResult:
         earned, possible = earned + bg_ok, possible + 1
     if req.word is not None:
         earned, possible = earned + ocr, possible + 1
-    return T2IResult(passed=not reasons, partial=earned / possible, reasons=reasons, ocr=ocr, extra=max(extra, 0) + unwanted_text)
+    drawn = matched + extra + unwanted_text
+    precision = matched / drawn if drawn else float(n_slots == 0)  # an empty canvas is precise only when nothing was asked
+    return T2IResult(passed=not reasons, partial=earned / possible, reasons=reasons, ocr=ocr, precision=precision)
 
 
 # ----------------------------------------------------------------------------- editing
