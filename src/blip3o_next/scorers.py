@@ -138,7 +138,7 @@ def check_t2i(req: Requirement, scene: Scene) -> T2IResult:
         earned, possible = earned + bg_ok, possible + 1
     if req.word is not None:
         earned, possible = earned + ocr, possible + 1
-    drawn = matched + extra + unwanted_text
+    drawn = len(scene.objects) + unwanted_text
     precision = matched / drawn if drawn else float(n_slots == 0)  # an empty canvas is precise only when nothing was asked
     return T2IResult(passed=not reasons, partial=earned / possible, reasons=reasons, ocr=ocr, precision=precision)
 
