@@ -19,6 +19,7 @@ import time
 import torch
 
 from blip3o_next.pipeline import Pipeline
+from blip3o_next.runtime import keep_freed_memory
 
 PROMPTS = [
     "a photo of a red circle left of a blue star",
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
+    keep_freed_memory()  # as the `blip3o` CLI does
 
     pipe = Pipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
     cfg = pipe.model.config

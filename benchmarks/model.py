@@ -25,6 +25,7 @@ from blip3o_next.diffusion import sample_latents
 from blip3o_next.image_tokenizer import images_to_tensor, tensor_to_images
 from blip3o_next.modeling import Blip3oNext, build_model, tiny_parts_configs
 from blip3o_next.pipeline import Pipeline, resolve_model_path
+from blip3o_next.runtime import keep_freed_memory
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.text_tokenizer import data_engine_corpus, train_text_tokenizer
 from blip3o_next.vae import decode_latents, encode_latents
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="training batch")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (the best counts)")
     args = ap.parse_args()
+    keep_freed_memory()  # as the `blip3o` CLI does
     model = Blip3oNext.from_pretrained(resolve_model_path(args.model), torch.float32) if args.model else tiny_model()
     peak = matmul_peak_gflops()
     print(f"threads: {torch.get_num_threads()}   matmul peak: {peak:.1f} GFLOP/s (best fp32 square matmul)")

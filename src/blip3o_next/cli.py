@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .fileio import InputError, check_writable_dir, save_png, write_json, write_jsonl
+from .runtime import keep_freed_memory
 
 log = logging.getLogger("blip3o")
 
@@ -585,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -1,0 +1,37 @@
+"""Process-level settings that entry points (the CLI, the benchmarks) apply once at start-up; library code never
+calls them, so importing the package changes nothing about the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 31) -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system at once.
+
+    Inference frees each large activation as soon as the next layer has read it. By default glibc serves such
+    blocks with fresh `mmap`s or gives the top of the heap back, so every diffusion step page-faults its
+    activations in again. Keeping the memory made batch-16 generation of the `tiny` model 18-26% faster on the
+    2-core CPU (`python benchmarks/generate.py`: 1.87-2.02 -> 2.36-2.46 images/s), and leaves training
+    unchanged. The cost is that resident memory stays at its peak.
+
+    This is what PyTorch's CPU tuning guide gets from swapping in jemalloc or tcmalloc, without a preloaded
+    library. Done by hand because no maintained package sets it. Skipped (returns False) off glibc, or when
+    the user set any `MALLOC_*` variable, so their own setting wins.
+    """
+    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
