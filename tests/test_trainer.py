@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from blip3o_next.modeling import Blip3oNext
-from blip3o_next.trainer import TrainConfig, latest_checkpoint, train
+from blip3o_next.trainer import TrainConfig, latest_checkpoint, param_groups, train
 
 from conftest import small_configs
 
@@ -153,3 +153,13 @@ def test_decoder_only_fine_tune_keeps_the_encoder(parts_dirs, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder"))
     with pytest.raises(ValueError, match="no parameter name starts with 'decodr'"):
         train(TrainConfig(**{**dataclasses.asdict(cfg), "train_only": ["decodr"], "output_dir": str(tmp_path / "typo")}))
+
+
+def test_lr_scales_give_prefixed_parameters_their_own_learning_rate():
+    module = torch.nn.ModuleDict({"old": torch.nn.Linear(2, 2), "new": torch.nn.Linear(2, 2)})
+    module["old"].bias.requires_grad_(False)
+    groups = param_groups(module, 1e-3, {"new": 10.0})
+    assert [(g["lr"], len(g["params"])) for g in groups] == [(1e-3, 1), (1e-2, 2)]  # frozen parameters left out
+    assert groups[0]["params"][0] is module["old"].weight
+    with pytest.raises(ValueError, match="lr_scales: no parameter name starts with 'nwe'"):
+        param_groups(module, 1e-3, {"nwe": 10.0})

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -70,6 +71,9 @@ class TrainConfig:
     init_from: str | None = field(default=None, metadata={"help": "sft / edit_sft: the model folder to start from; vae: a VAE folder to fine-tune"})
     train_only: list[str] | None = field(
         default=None, metadata={"help": "train only parameters whose names start with one of these prefixes (e.g. [decoder]); the rest stay frozen"}
+    )
+    lr_scales: dict[str, float] | None = field(
+        default=None, metadata={"help": "LR multipliers for parameters whose names start with these prefixes (e.g. {reference_connector: 10})"}
     )
     text_tokenizer_dir: str | None = field(default=None, metadata={"help": "pretrain: the trained text tokenizer folder"})
     image_tokenizer_dir: str | None = field(default=None, metadata={"help": "pretrain: the trained image tokenizer folder"})
@@ -534,7 +538,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     if cfg.train_only:
         freeze_all_but(stage.module, cfg.train_only)
     params = [p for p in stage.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(stage.module, cfg.lr, cfg.lr_scales or {}), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     step, position = 0, 0
     resume = latest_checkpoint(out)
@@ -585,16 +589,34 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     return out
 
 
-def freeze_all_but(module: nn.Module, prefixes: list[str]) -> None:
-    """Freeze every parameter whose name starts with none of `prefixes` (e.g. fine-tune a VAE's decoder only, so
-    the latent space the diffusion model was trained on stays exactly as it was)."""
+def check_prefixes(module: nn.Module, prefixes: Iterable[str], setting: str) -> None:
+    """A ValueError naming `setting` if some prefix matches no parameter name (a typo would silently do nothing)."""
     names = [name for name, _ in module.named_parameters()]
     for prefix in prefixes:
         if not any(name.startswith(prefix) for name in names):
-            raise ValueError(f"train_only: no parameter name starts with {prefix!r}")
+            raise ValueError(f"{setting}: no parameter name starts with {prefix!r}")
+
+
+def freeze_all_but(module: nn.Module, prefixes: list[str]) -> None:
+    """Freeze every parameter whose name starts with none of `prefixes` (e.g. fine-tune a VAE's decoder only, so
+    the latent space the diffusion model was trained on stays exactly as it was)."""
+    check_prefixes(module, prefixes, "train_only")
     for name, p in module.named_parameters():
         if not any(name.startswith(prefix) for prefix in prefixes):
             p.requires_grad_(False)
+
+
+def param_groups(module: nn.Module, lr: float, scales: dict[str, float]) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: those whose names start with a prefix of `scales` learn
+    at `lr` times its scale (the first matching prefix counts), the rest at `lr`. For example, parts that edit
+    SFT adds start at zero and can learn faster than the pretrained ones they join."""
+    check_prefixes(module, scales, "lr_scales")
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}  # the unscaled group first: the logged lr is group 0's
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
+            groups.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items() if ps]
 
 
 def check_replicas(accelerator: Accelerator, params: list[torch.Tensor], out: Path) -> None:
