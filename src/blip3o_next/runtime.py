@@ -18,8 +18,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
 
     Inference frees each large activation as soon as the next layer has read it. By default glibc serves such
     blocks with fresh `mmap`s or gives the top of the heap back, so every diffusion step page-faults its
-    activations in again. Keeping the memory made batch-16 generation of the `tiny` model 18-26% faster on the
-    2-core CPU (`python benchmarks/generate.py`: 1.87-2.02 -> 2.36-2.46 images/s), and leaves training
+    activations in again. Keeping the memory raised batch-16 generation of the `tiny` model on the 2-core CPU from
+    1.87-2.02 to 2.36-2.80 images/s (`python benchmarks/generate.py`, back-to-back runs), and leaves training
     unchanged. The cost is that resident memory stays at its peak.
 
     This is what PyTorch's CPU tuning guide gets from swapping in jemalloc or tcmalloc, without a preloaded
