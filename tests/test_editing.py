@@ -117,6 +117,23 @@ def test_edit_sft_yields_a_model_that_edits(edit_dir, t2i_dir):
     assert len(pipe.edit(render(pair.source), ["keep the image unchanged", pair.instruction], num_inference_steps=1).images) == 2
 
 
+def test_separate_edit_ar_leaves_text_to_image_blueprints_unchanged(t2i_dir, tmp_path):
+    cfg = TrainConfig(stage="edit_sft", output_dir=str(tmp_path), init_from=str(t2i_dir), steps=2, batch_size=4, lr=1e-3, warmup_steps=1,
+                      checkpoint_every=2, log_every=1, model={"separate_edit_ar": True})
+    model = Blip3oNext.from_pretrained(train(cfg) / "final")
+    before = Blip3oNext.from_pretrained(t2i_dir)
+    assert model.config.separate_edit_ar and model.edit_ar is not None
+    assert all(torch.equal(a, b) for a, b in zip(model.ar.state_dict().values(), before.ar.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.edit_ar.state_dict().values(), before.ar.state_dict().values()))
+    assert torch.equal(Pipeline(model)("a red circle", seed=3, num_inference_steps=1).blueprints,
+                       Pipeline(before)("a red circle", seed=3, num_inference_steps=1).blueprints)
+    pair = sample_edit("recolor", np.random.default_rng(0))
+    pipe = Pipeline(model)
+    edited = pipe.edit(render(pair.source), pair.instruction, seed=3, num_inference_steps=1).blueprints
+    model.edit_ar.load_state_dict(model.ar.state_dict())  # the edit blueprint came from edit_ar: now it changes
+    assert not torch.equal(pipe.edit(render(pair.source), pair.instruction, seed=3, num_inference_steps=1).blueprints, edited)
+
+
 def test_edit_accepts_any_mode_and_size_with_a_notice(edit_dir, caplog):
     pipe = Pipeline(Blip3oNext.from_pretrained(edit_dir))
     rgb = Image.fromarray(render(sample_edit("keep", np.random.default_rng(1)).source))

@@ -8,6 +8,7 @@ format, so the same code loads the tiny preset and, given local checkpoints, the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -31,7 +32,7 @@ from .vae import spatial_compression
 
 CONFIG_NAME = "blip3o_config.json"
 SUBFOLDERS = ("tokenizer", "image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler")
-OPTIONAL_SUBFOLDERS = ("reference_connector",)  # only in models trained to edit
+OPTIONAL_SUBFOLDERS = ("reference_connector", "edit_ar")  # only in models trained to edit
 
 
 CONDITION_SOURCES = ("blueprint", "prompt")
@@ -68,6 +69,10 @@ class Blip3oNextConfig:
     # reference latents as extra input channels (the tiny preset; SANA's linear self-attention did not learn the
     # half-width copy within the CPU budget, see docs/editing.md).
     reference_injection_axis: str = "width"
+    # Edits get their own copy of the AR model (`edit_ar`), trained by edit SFT, while text to image keeps the
+    # starting AR model frozen, so editing cannot cost generation quality. With one shared AR model, edit SFT cost
+    # the tiny model 0.10 GenEval, all of it through the AR model (docs/editing.md). Costs one more AR's weights.
+    separate_edit_ar: bool = False
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the preset name)
 
     def __post_init__(self):
@@ -104,6 +109,7 @@ class Blip3oNext(nn.Module):
         vae: AutoencoderDC,
         scheduler: FlowMatchEulerDiscreteScheduler,
         reference_connector: Connector | None = None,
+        edit_ar: Qwen3ForCausalLM | None = None,
     ):
         super().__init__()
         self.config = config
@@ -115,6 +121,7 @@ class Blip3oNext(nn.Module):
         self.vae = vae
         self.scheduler = scheduler
         self.reference_connector = reference_connector
+        self.edit_ar = edit_ar
         self.image_vocab = ImageVocab.from_tokenizer(tokenizer, image_tokenizer.config.codebook_size)
         self._check_parts()
 
@@ -141,6 +148,10 @@ class Blip3oNext(nn.Module):
         channels = cfg.editing and cfg.reference_noise_injection and cfg.reference_injection_axis == "channels"
         return self.vae.config.latent_channels if channels else 0
 
+    def ar_for(self, edits: bool) -> Qwen3ForCausalLM:
+        """The AR model that writes blueprints for edits (`edits` True) or for text to image."""
+        return self.edit_ar if edits and self.edit_ar is not None else self.ar
+
     def _check_parts(self) -> None:
         """Fail loudly, showing both numbers, when the parts do not fit together."""
         checks = [
@@ -151,11 +162,18 @@ class Blip3oNext(nn.Module):
              self.vae.config.latent_channels + self.connector.config.spatial_channels + self.reference_input_channels),
             ("image tokenizer input", self.image_tokenizer.config.image_size, "==", self.config.image_size),
         ]
+        if self.edit_ar is not None:
+            checks += [("edit_ar hidden size", self.edit_ar.config.hidden_size, "==", self.ar.config.hidden_size),
+                       ("edit_ar vocabulary", self.edit_ar.config.vocab_size, "==", self.ar.config.vocab_size)]
         for name, got, op, want in checks:
             if (op == "==" and got != want) or (op == ">=" and got < want):
                 raise ValueError(f"{name} is {got}, must be {op} {want}")
         if self.config.condition_source == "prompt" and self.connector.config.spatial_channels:
             raise ValueError("the connector's spatial path needs the blueprint; condition_source 'prompt' needs spatial_channels = 0")
+        if self.config.separate_edit_ar and not self.config.editing:
+            raise ValueError("separate_edit_ar needs editing")
+        if self.config.separate_edit_ar != (self.edit_ar is not None):
+            raise ValueError(f"separate_edit_ar is {self.config.separate_edit_ar} but the model {'has' if self.edit_ar else 'has no'} edit_ar")
         if self.config.editing and self.config.reference_cross_attention:
             ref = self.reference_connector
             if ref is None:
@@ -198,9 +216,7 @@ class Blip3oNext(nn.Module):
 
         For edit samples (`is_edit` (B,) True), `reference_latents` (B, C, H, W) are the source image's latents;
         the other samples of the batch are text-to-image and are rendered without a reference."""
-        out = self.ar.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
-        hidden = out.last_hidden_state  # (B, T, H)
-        logits = self.ar.lm_head(hidden[:, :-1])
+        hidden, logits = self._ar_forward(input_ids, attention_mask, is_edit)
         targets = labels[:, 1:]
         token_ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
         valid = (targets != -100).float()
@@ -215,6 +231,27 @@ class Blip3oNext(nn.Module):
         fm = self._flow_matching_loss(latents, condition, generator, reference_latents, is_edit)
         loss = self.config.ce_weight * ce + self.config.flow_matching_weight * fm
         return Blip3oNextOutput(loss=loss, ce_loss=ce.detach(), flow_matching_loss=fm.detach())
+
+    def _ar_forward(self, input_ids, attention_mask, is_edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer hidden states (B, T, H) and next-token logits (B, T - 1, V). With a separate edit AR model,
+        edit rows go through it and the other rows through the text-to-image one."""
+        groups = [(self.ar, None)]
+        if self.edit_ar is not None and is_edit is not None:
+            groups = [(self.ar, ~is_edit), (self.edit_ar, is_edit)]
+        hidden = logits = None
+        for ar, rows in groups:
+            ids, mask = (input_ids, attention_mask) if rows is None else (input_ids[rows], attention_mask[rows])
+            if ids.shape[0] == 0:
+                continue
+            h = ar.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
+            lg = ar.lm_head(h[:, :-1])
+            if rows is None:
+                return h, lg
+            if hidden is None:
+                hidden = h.new_zeros(input_ids.shape[0], *h.shape[1:])
+                logits = lg.new_zeros(input_ids.shape[0], *lg.shape[1:])
+            hidden, logits = hidden.index_put((rows,), h), logits.index_put((rows,), lg)
+        return hidden, logits
 
     def _flow_matching_loss(self, latents, condition, generator, reference_latents=None, is_edit=None) -> torch.Tensor:
         """Flow matching over the batch; with edit samples, text-to-image and edit samples go through the
@@ -299,6 +336,7 @@ class Blip3oNext(nn.Module):
             "vae": lambda p: AutoencoderDC.from_pretrained(p, **dtype),
             "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(p),
             "reference_connector": lambda p: Connector.from_pretrained(p, **dtype),
+            "edit_ar": lambda p: Qwen3ForCausalLM.from_pretrained(p, **({"dtype": torch_dtype} if torch_dtype else {})),
         }
         for name, load in loaders.items():
             if name in OPTIONAL_SUBFOLDERS and not (path / name).is_dir():
@@ -342,9 +380,9 @@ def read_config(path: str | os.PathLike) -> Blip3oNextConfig:
 
 def enable_editing(model: Blip3oNext, reference_connector: dict | None = None, **switches: bool) -> Blip3oNext:
     """Turn a text-to-image model into one that edits (before edit SFT): set `editing` and the latent-path
-    `switches` (reference_cross_attention, reference_noise_injection) and, for cross-attention, add a new
-    reference connector (C -> D -> D + RMSNorm; `reference_connector` overrides its config). No-op parts
-    already present are kept (resuming)."""
+    `switches` (reference_cross_attention, reference_noise_injection, separate_edit_ar) and add the parts they
+    need: for cross-attention a new reference connector (C -> D -> D + RMSNorm; `reference_connector` overrides its
+    config), for separate_edit_ar a copy of the AR model. Parts already present are kept (resuming)."""
     before = model.reference_input_channels
     model.config = dataclasses.replace(model.config, editing=True, **switches)
     if model.reference_input_channels > before:
@@ -354,6 +392,8 @@ def enable_editing(model: Blip3oNext, reference_connector: dict | None = None, *
         config = dict(hidden_size=model.vae.config.latent_channels, width=model.transformer.config.caption_channels, num_positions=side * side)
         dtype = next(model.connector.parameters()).dtype
         model.reference_connector = Connector(**{**config, **(reference_connector or {})}).to(dtype)
+    if model.config.separate_edit_ar and model.edit_ar is None:
+        model.edit_ar = copy.deepcopy(model.ar)
     model._check_parts()
     return model
 

@@ -62,7 +62,9 @@ class Pipeline:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.transformer = compile_for_inference(self.model.transformer) if compile_transformer else self.model.transformer
-        self.ar_decoder = compile_for_inference(self.model.ar.model) if compile_ar else None
+        decoder = compile_for_inference(self.model.ar.model) if compile_ar else None
+        edit_decoder = compile_for_inference(self.model.edit_ar.model) if compile_ar and self.model.edit_ar is not None else decoder
+        self.ar_decoders = {False: decoder, True: edit_decoder}  # by "is it an edit"
 
     @classmethod
     def from_pretrained(
@@ -232,7 +234,8 @@ class Pipeline:
         """From AR inputs to images: (1) the blueprint and its hidden states in one cached pass, (2) the connector
         (plus an edit's reference latents), (3) CFG flow-matching sampling (from `noise` if given), (4) decoding."""
         model = self.model
-        bp = sample_blueprint(model.ar, ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator, self.ar_decoder)
+        edits = reference_latents is not None
+        bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator, self.ar_decoders[edits])
         if model.config.condition_source == "prompt":  # the no-blueprint ablation: the prompt's states
             condition = model.condition(bp.prompt_hidden_states, mask)
         else:

@@ -380,7 +380,7 @@ class EditStage(ModelStage):
     """Edit SFT: a text-to-image model gains the reference-image paths (enable_editing) and trains on edit pairs
     of all categories mixed with t2i samples, so generation does not regress."""
 
-    SWITCHES = ("reference_cross_attention", "reference_noise_injection", "reference_injection_axis")
+    SWITCHES = ("reference_cross_attention", "reference_noise_injection", "reference_injection_axis", "separate_edit_ar")
 
     def __init__(self, cfg: TrainConfig):
         from .modeling import enable_editing
@@ -388,6 +388,8 @@ class EditStage(ModelStage):
         super().__init__(cfg)
         switches = {k: cfg.model[k] for k in self.SWITCHES if k in cfg.model}
         enable_editing(self.module, cfg.parts.get("reference_connector"), **switches)  # tokenizer and VAE stay frozen
+        if self.module.edit_ar is not None:  # text to image keeps the AR model it started with
+            self.module.ar.requires_grad_(False)
 
     def preview(self, module, samples):
         """Per sample: source (blank for t2i), truth, output, blueprint preview."""
