@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit_cmd.set_defaults(func=cmd_edit)
 
     srv = commands.add_parser(
-        "serve", help="serve the web demo and the HTTP JSON API (default: the bundled tiny model on 127.0.0.1:7860)",
+        "serve", help="serve the web demo and the HTTP JSON API (default: the bundled tiny-edit model on 127.0.0.1:7860)",
         formatter_class=fmt,
         description="Load the model once and serve a web page (text to image and edit tabs) plus a JSON API on one local "
         "server: POST /api/generate, POST /api/edit, GET /health. Requests run one at a time; at most --queue-size wait, "
@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes an unauthenticated server)")
     srv.add_argument("--port", type=_port, default=7860, help="TCP port")
-    srv.add_argument("--model", default="tiny", help="a bundled model name (tiny; tiny-edit also edits) or a checkpoint folder")
+    srv.add_argument("--model", default="tiny-edit", help="a bundled model name (tiny-edit generates and edits; tiny only generates) or a checkpoint folder")
     srv.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     _add_speed_args(srv)
     srv.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
