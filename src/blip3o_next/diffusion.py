@@ -132,10 +132,15 @@ def sample_latents(
     generator: Generators = None,
     latents: torch.Tensor | None = None,
     progress: bool = False,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler flow-matching sampling from noise, guided by `condition` against the zero condition.
 
-    A fresh scheduler is built from `scheduler_config` on every call, so sampling shares no mutable state.
+    `known` = (clean latents, mask (B, 1, H, W), 1 = known) fixes part of the image (blended latent diffusion):
+    after every step the known cells are put back on the straight path from the starting noise to the clean
+    latents, at the step's noise level, so they end exactly at the clean latents and the rest is generated to
+    match them. A fresh scheduler is built from `scheduler_config` on every call, so sampling shares no mutable
+    state.
     """
     tokens = condition.tokens
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
@@ -144,11 +149,16 @@ def sample_latents(
         latents = randn_tensor((tokens.shape[0], *latent_shape), generator=generator, device=tokens.device, dtype=tokens.dtype)
     use_cfg = guidance_scale != 1.0
     cond = condition.with_unconditional() if use_cfg else condition
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="diffusion", leave=False):
+    noise = latents
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="diffusion", leave=False)):
         x = torch.cat([latents, latents]) if use_cfg else latents
         v = predict_velocity(transformer, x, cond, t.expand(x.shape[0]))
         if use_cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
         latents = scheduler.step(v, t, latents).prev_sample
+        if known is not None:
+            clean, mask = known
+            sigma = scheduler.sigmas[i + 1]
+            latents = torch.lerp(latents, (1.0 - sigma) * clean.to(latents.dtype) + sigma * noise, mask.to(latents.dtype))
     return latents

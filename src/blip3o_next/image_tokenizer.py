@@ -62,12 +62,30 @@ def token_grid(image_size: int, patch_size: int, channels: tuple[int, ...]) -> i
     return image_size // (patch_size * 2 ** (len(channels) - 1))
 
 
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels at each position of a (B, C, H, W) map. Unlike GroupNorm, whose statistics
+    span the whole image, it keeps a cell's code independent of distant content (torch has no 2-D form)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """`group`: GroupNorm(8), image-wide statistics; `channel`: per-position ChannelNorm."""
+    if kind == "group":
+        return nn.GroupNorm(8, channels)
+    if kind == "channel":
+        return ChannelNorm(channels)
+    raise ValueError(f"unknown norm {kind!r} (expected 'group' or 'channel')")
+
+
 class ResBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: str = "group", kernel_size: int = 3):
         super().__init__()
+        pad = kernel_size // 2
         self.block = nn.Sequential(
-            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            norm_layer(norm, channels), nn.SiLU(), nn.Conv2d(channels, channels, kernel_size, padding=pad),
+            norm_layer(norm, channels), nn.SiLU(), nn.Conv2d(channels, channels, kernel_size, padding=pad),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +113,8 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
         codebook_size: number of codes (image-token vocabulary).
         commitment_weight, ema_decay, dead_code_threshold: VQ settings (vector-quantize-pytorch).
         semantic_weight, reconstruction_weight: loss weights.
+        norm: `group` (GroupNorm: every code depends on the whole image's statistics, so an edit anywhere changes
+            codes everywhere) or `channel` (per-position: an edit changes only the codes near it).
     """
 
     @register_to_config
@@ -110,13 +130,15 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
         dead_code_threshold: int = 2,
         semantic_weight: float = 1.0,
         reconstruction_weight: float = 1.0,
+        norm: str = "group",
+        encoder_kernel_size: int = 3,
     ):
         super().__init__()
         channels = tuple(channels)  # JSON configs hand back lists
         enc: list[nn.Module] = [nn.Conv2d(3, channels[0], patch_size, stride=patch_size)]
         for c_in, c_out in zip(channels, channels[1:]):
-            enc += [ResBlock(c_in), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
-        enc += [ResBlock(channels[-1]), nn.GroupNorm(8, channels[-1]), nn.SiLU(), nn.Conv2d(channels[-1], code_dim, 1)]
+            enc += [ResBlock(c_in, norm, encoder_kernel_size), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+        enc += [ResBlock(channels[-1], norm, encoder_kernel_size), norm_layer(norm, channels[-1]), nn.SiLU(), nn.Conv2d(channels[-1], code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
         self.quantizer = VectorQuantize(
             dim=code_dim, codebook_size=codebook_size, decay=ema_decay, commitment_weight=commitment_weight,
@@ -125,8 +147,8 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
         dec: list[nn.Module] = [nn.Conv2d(code_dim, channels[-1], 3, padding=1)]
         rev = tuple(reversed(channels))
         for c_in, c_out in zip(rev, rev[1:]):
-            dec += [ResBlock(c_in), nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
-        dec += [ResBlock(rev[-1]), nn.GroupNorm(8, rev[-1]), nn.SiLU(), nn.Conv2d(rev[-1], 3 * patch_size**2, 3, padding=1), nn.PixelShuffle(patch_size)]
+            dec += [ResBlock(c_in, norm), nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
+        dec += [ResBlock(rev[-1], norm), norm_layer(norm, rev[-1]), nn.SiLU(), nn.Conv2d(rev[-1], 3 * patch_size**2, 3, padding=1), nn.PixelShuffle(patch_size)]
         self.decoder = nn.Sequential(*dec)
         self.cell_head = nn.Conv2d(code_dim, NUM_COLOR_CLASSES + NUM_SHAPE_CLASSES, 1)
         self.background_head = nn.Linear(code_dim, len(BACKGROUNDS))

@@ -73,6 +73,11 @@ class Blip3oNextConfig:
     # starting AR model frozen, so editing cannot cost generation quality. With one shared AR model, edit SFT cost
     # the tiny model 0.10 GenEval, all of it through the AR model (docs/editing.md). Costs one more AR's weights.
     separate_edit_ar: bool = False
+    # Inference default for edits (blended latent diffusion): the blueprint cells an edit leaves unchanged (the
+    # same token as the reference's, `edit_preserve_margin` cells away from any changed one) keep the reference's
+    # latents during sampling, so only what the AR model changed is redrawn. Off in the official design.
+    edit_preserve_unchanged: bool = False
+    edit_preserve_margin: int = 0
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the preset name)
 
     def __post_init__(self):
@@ -84,6 +89,8 @@ class Blip3oNextConfig:
             raise ValueError(f"condition_source must be one of {', '.join(CONDITION_SOURCES)}, got {self.condition_source!r}")
         if self.editing and self.condition_source != "blueprint":
             raise ValueError("editing needs condition_source 'blueprint'")
+        if self.edit_preserve_margin < 0:
+            raise ValueError(f"edit_preserve_margin must be >= 0, got {self.edit_preserve_margin}")
         if self.reference_injection_axis not in INJECTION_AXES:
             raise ValueError(f"reference_injection_axis must be one of {', '.join(INJECTION_AXES)}, got {self.reference_injection_axis!r}")
 

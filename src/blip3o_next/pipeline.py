@@ -14,6 +14,7 @@ cached AR pass, (4) connector (an edit adds the reference's VAE latents), (5) CF
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .autoregressive import SamplingConfig, prompt_ids, sample_blueprint
@@ -186,10 +188,16 @@ class Pipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         progress: bool = False,
+        preserve_unchanged: bool | None = None,
     ) -> PipelineOutput:
         """Edit each image by its instruction (one image with several instructions, or several images with one
         instruction, pair up too). Images of another size are resized to the model's, with a notice; any mode
-        (grayscale, RGBA, paletted) is converted to RGB. Options as in `__call__`."""
+        (grayscale, RGBA, paletted) is converted to RGB. Options as in `__call__`.
+
+        `preserve_unchanged` (None: the model's `edit_preserve_unchanged`) keeps the reference where the edit's
+        blueprint left it unchanged: the cells whose tokens differ from the reference's, widened by the model's
+        `edit_preserve_margin` cells, are generated, and the rest is held at the reference's latents during
+        sampling (`sample_latents`' `known`)."""
         if not self.can_edit:
             raise ValueError("this model was not trained to edit (no edit SFT); train one with `blip3o train --config configs/tiny/5_edit_sft.yaml`")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -202,7 +210,12 @@ class Pipeline:
         x = images_to_tensor(np.stack([self.reference_array(im, i) for i, im in enumerate(images)])).to(self.device, self.model.vae.dtype)
         codes = self.model.image_tokenizer.encode(x.to(next(self.model.image_tokenizer.parameters()).dtype))
         ids, mask = self.tokenize(instructions, codes.tolist())
-        return self._render(ids, mask, *options, _generator(generator, seed), progress, reference_latents=encode_latents(self.model.vae, x))
+        if preserve_unchanged is None:
+            preserve_unchanged = self.model.config.edit_preserve_unchanged
+        return self._render(
+            ids, mask, *options, _generator(generator, seed), progress, reference_latents=encode_latents(self.model.vae, x),
+            preserve=codes if preserve_unchanged else None,
+        )
 
     def reference_array(self, image: Image.Image | np.ndarray, index: int = 0) -> np.ndarray:
         """An image to edit as an (S, S, 3) uint8 array at the model's size S."""
@@ -230,9 +243,11 @@ class Pipeline:
         progress: bool,
         reference_latents: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        preserve: torch.Tensor | None = None,
     ) -> PipelineOutput:
         """From AR inputs to images: (1) the blueprint and its hidden states in one cached pass, (2) the connector
-        (plus an edit's reference latents), (3) CFG flow-matching sampling (from `noise` if given), (4) decoding."""
+        (plus an edit's reference latents), (3) CFG flow-matching sampling (from `noise` if given; with `preserve`,
+        the reference's codes, cells the blueprint keeps stay at the reference latents), (4) decoding."""
         model = self.model
         edits = reference_latents is not None
         bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator, self.ar_decoders[edits])
@@ -242,10 +257,13 @@ class Pipeline:
             condition = model.condition(bp.hidden_states)
         if reference_latents is not None:
             condition = model.with_reference(condition, reference_latents)
+        known = None
+        if preserve is not None:
+            known = reference_latents, unchanged_cells(bp.codes, preserve, model.config.edit_preserve_margin, model.latent_shape[1:])
         latents = sample_latents(
             self.transformer, model.scheduler.config, condition, model.latent_shape,
             num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
-            latents=None if noise is None else noise.to(self.device, condition.tokens.dtype),
+            latents=None if noise is None else noise.to(self.device, condition.tokens.dtype), known=known,
         )
         images = tensor_to_images(decode_latents(model.vae, latents))
         previews = tensor_to_images(model.image_tokenizer.decode(bp.codes))
@@ -254,6 +272,16 @@ class Pipeline:
             blueprints=bp.codes.cpu(),
             blueprint_previews=[Image.fromarray(a) for a in previews],
         )
+
+
+def unchanged_cells(codes: torch.Tensor, reference_codes: torch.Tensor, margin: int, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, H, W) mask at latent size, 1 where the blueprint `codes` (B, N) keep the reference's token, with
+    every changed cell widened by `margin` cells (the tokenizer sees across cell borders)."""
+    side = math.isqrt(codes.shape[1])
+    changed = (codes != reference_codes).float().view(-1, 1, side, side)
+    if margin > 0:
+        changed = F.max_pool2d(changed, 2 * margin + 1, stride=1, padding=margin)
+    return 1.0 - F.interpolate(changed, size=size, mode="nearest")
 
 
 def compile_for_inference(module: torch.nn.Module) -> Callable:
