@@ -10,6 +10,7 @@ from blip3o_next.autoregressive import (
 )
 from blip3o_next.connector import RMSNORM_INIT, Connector
 from blip3o_next.diffusion import Condition, drop_condition, flow_matching_loss, noisy_latents, sample_latents
+from blip3o_next.pipeline import unchanged_cells
 from blip3o_next.text_tokenizer import ImageVocab
 
 VOCAB = ImageVocab(im_start=100, im_end=101, scales=(102, 103, 104), image_offset=105, codebook_size=64)
@@ -130,3 +131,30 @@ def test_cfg_sampling_is_seeded(dit):
     a = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5))
     b = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5))
     assert a.shape == (2, 4, 8, 8) and torch.equal(a, b)
+
+
+def test_known_cells_end_at_the_clean_latents_and_the_rest_is_sampled(dit):
+    """Blended sampling (edits that keep the unchanged cells): known cells end exactly at the clean latents, and an
+    all-unknown mask changes nothing."""
+    cfg = FlowMatchEulerDiscreteScheduler().config
+    cond = Condition(torch.randn(2, 6, 24))
+    clean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :4] = 1.0  # the top half is known
+    free = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5))
+    out = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5), known=(clean, mask))
+    assert torch.allclose(out[:, :, :4], clean[:, :, :4], atol=1e-6)
+    assert not torch.allclose(out[:, :, 4:], clean[:, :, 4:], atol=1e-2)
+    unknown = sample_latents(dit, cfg, cond, (4, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(5), known=(clean, 0 * mask))
+    assert torch.equal(unknown, free)
+
+
+def test_unchanged_cells_marks_the_kept_tokens_at_latent_size():
+    reference = torch.arange(16).view(1, 16)  # a 4 x 4 token grid
+    codes = reference.clone()
+    codes[0, 5] = 99  # cell (1, 1) changed
+    exact = unchanged_cells(codes, reference, 0, (8, 8))
+    assert exact.shape == (1, 1, 8, 8) and exact.sum() == 64 - 4 and exact[0, 0, 2:4, 2:4].eq(0).all()
+    widened = unchanged_cells(codes, reference, 1, (8, 8))
+    assert widened.sum() == 64 - 36 and widened[0, 0, :6, :6].eq(0).all()
+    assert unchanged_cells(reference, reference, 1, (8, 8)).eq(1).all()

@@ -20,11 +20,12 @@ WEIGHT_LIMIT_MB = 60
 # over all eight, text partial 0.563, dense partial 0.179. Partial credit is the finer signal on 4 images per
 # category; floors sit ~0.05 below.
 FLOORS = {"overall": 0.20, "partial": 0.37, "text_partial": 0.51, "dense_partial": 0.13}
-# Measured on the committed `tiny-edit` weights with edit_suite(3, seed=7), seed 0, batch 16: success 0.259
-# (mean over the 9 categories), keep 3/3, mean consistency PSNR 30.6 dB (31.0 with the earlier shared-AR weights). Floors: about two edits fewer, one keep
-# fewer, 3 dB lower.
+# Measured on the committed `tiny-edit` weights at their defaults (edits keep the unchanged cells) with
+# edit_suite(3, seed=7), seed 0, batch 16: success 0.222 (mean over the 9 categories), keep 3/3, mean consistency
+# PSNR 33.2 dB, 5 of 6 successes at >= 30 dB. With --no-preserve: 0.259, 3/3, 30.6 dB, 3 of 7. Floors: about two
+# edits fewer, one keep fewer, 2 dB lower, one consistent success fewer; the last two fail without preservation.
 EDITS_PER_CATEGORY = 3
-EDIT_FLOORS = {"success": 0.18, "keep": 0.66, "psnr": 28.0}
+EDIT_FLOORS = {"success": 0.14, "keep": 0.66, "psnr": 31.0, "consistent": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,8 @@ def test_bundled_edit_model_edits_above_its_floors(edit_pipe, pipe):
     assert edit_pipe.can_edit and not pipe.can_edit
     items = generate_edit_items(edit_pipe, edit_suite(EDITS_PER_CATEGORY, seed=7), seed=0, batch_size=16, progress=False)
     _, summary = evaluate_edits(items)
-    scores = {"success": summary["overall"]["success"], "keep": summary["categories"]["keep"]["success"], "psnr": summary["overall"]["psnr"]}
+    overall = summary["overall"]
+    scores = {"success": overall["success"], "keep": summary["categories"]["keep"]["success"], "psnr": overall["psnr"],
+              "consistent": overall["consistent_successes"]}
     for name, floor in EDIT_FLOORS.items():
         assert scores[name] >= floor, (name, scores)

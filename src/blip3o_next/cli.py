@@ -438,7 +438,7 @@ def _add_preserve_arg(parser: argparse.ArgumentParser) -> None:
 def _add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute; bfloat16 ran 1.3-2x faster on a CPU with AVX-512 BF16 and scored like float32 "
-                             "(GenEval of tiny 0.264 vs 0.263, edit success of tiny-edit 0.122 vs 0.119), but its images differ in detail")
+                             "(GenEval of tiny 0.264 vs 0.263; edit success of tiny-edit with --no-preserve 0.122 vs 0.119), but its images differ in detail")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the AR step and the diffusion transformer: faster images after a one-off compilation "
                              "of tens of seconds per batch size; worth it for many images, not for one")
