@@ -150,6 +150,8 @@ def sample_latents(
     use_cfg = guidance_scale != 1.0
     cond = condition.with_unconditional() if use_cfg else condition
     noise = latents
+    if known is not None:  # converted once, not in every step
+        clean, mask = (k.to(latents.dtype) for k in known)
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="diffusion", leave=False)):
         x = torch.cat([latents, latents]) if use_cfg else latents
         v = predict_velocity(transformer, x, cond, t.expand(x.shape[0]))
@@ -158,7 +160,6 @@ def sample_latents(
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
         latents = scheduler.step(v, t, latents).prev_sample
         if known is not None:
-            clean, mask = known
             sigma = scheduler.sigmas[i + 1]
-            latents = torch.lerp(latents, (1.0 - sigma) * clean.to(latents.dtype) + sigma * noise, mask.to(latents.dtype))
+            latents = torch.lerp(latents, (1.0 - sigma) * clean + sigma * noise, mask)
     return latents

@@ -115,6 +115,8 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
         semantic_weight, reconstruction_weight: loss weights.
         norm: `group` (GroupNorm: every code depends on the whole image's statistics, so an edit anywhere changes
             codes everywhere) or `channel` (per-position: an edit changes only the codes near it).
+        encoder_kernel_size: kernel of the encoder's residual blocks; 1 keeps each code's receptive field to about
+            two cells (16 px at the tiny preset) instead of the whole image.
     """
 
     @register_to_config
