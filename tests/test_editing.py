@@ -134,6 +134,18 @@ def test_separate_edit_ar_leaves_text_to_image_blueprints_unchanged(t2i_dir, tmp
     assert not torch.equal(pipe.edit(render(pair.source), pair.instruction, seed=3, num_inference_steps=1).blueprints, edited)
 
 
+def test_edit_temperature_is_the_default_for_edits_only(edit_dir):
+    model = Blip3oNext.from_pretrained(edit_dir)
+    pipe, pair = Pipeline(model), sample_edit("recolor", np.random.default_rng(2))
+    greedy_edit = pipe.edit(render(pair.source), pair.instruction, seed=4, num_inference_steps=1, temperature=0).blueprints
+    sampled_t2i = pipe("a red circle", seed=4, num_inference_steps=1).blueprints
+    model.config.edit_temperature = 0.0
+    assert torch.equal(pipe.edit(render(pair.source), pair.instruction, seed=4, num_inference_steps=1).blueprints, greedy_edit)
+    assert torch.equal(pipe("a red circle", seed=4, num_inference_steps=1).blueprints, sampled_t2i)  # text to image keeps its own
+    with pytest.raises(ValueError, match="edit_temperature"):
+        type(model.config)(edit_temperature=-1.0)
+
+
 def test_edit_accepts_any_mode_and_size_with_a_notice(edit_dir, caplog):
     pipe = Pipeline(Blip3oNext.from_pretrained(edit_dir))
     rgb = Image.fromarray(render(sample_edit("keep", np.random.default_rng(1)).source))

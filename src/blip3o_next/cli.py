@@ -422,7 +422,7 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "tiny"
     parser.add_argument("--batch-size", type=_positive, default=16, help="images generated together")
     parser.add_argument("--steps", type=_positive, help="diffusion steps (default: the model's)")
     parser.add_argument("--guidance", type=_non_negative, help="classifier-free guidance scale (default: the model's)")
-    parser.add_argument("--temperature", type=_non_negative, help="AR sampling temperature; 0 = greedy (default: the model's)")
+    parser.add_argument("--temperature", type=_non_negative, help="AR sampling temperature; 0 = greedy (default: the model's; for edits its edit_temperature when set)")
     parser.add_argument("--top-k", type=_positive, help="AR top-k (default: the model's)")
     parser.add_argument("--top-p", type=_probability, help="AR nucleus top-p in (0, 1] (default: the model's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")

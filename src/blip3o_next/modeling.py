@@ -78,6 +78,9 @@ class Blip3oNextConfig:
     # latents during sampling, so only what the AR model changed is redrawn. Off in the official design.
     edit_preserve_unchanged: bool = False
     edit_preserve_margin: int = 0
+    # AR sampling temperature for edits (None: `temperature`). An edit's blueprint should copy most of the
+    # reference's tokens, which a cooler sampler does more often than the text-to-image default.
+    edit_temperature: float | None = None
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the preset name)
 
     def __post_init__(self):
@@ -89,6 +92,8 @@ class Blip3oNextConfig:
             raise ValueError(f"condition_source must be one of {', '.join(CONDITION_SOURCES)}, got {self.condition_source!r}")
         if self.editing and self.condition_source != "blueprint":
             raise ValueError("editing needs condition_source 'blueprint'")
+        if self.edit_temperature is not None and self.edit_temperature < 0:
+            raise ValueError(f"edit_temperature must be >= 0, got {self.edit_temperature}")
         if self.edit_preserve_margin < 0:
             raise ValueError(f"edit_preserve_margin must be >= 0, got {self.edit_preserve_margin}")
         if self.reference_injection_axis not in INJECTION_AXES:

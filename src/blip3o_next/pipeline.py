@@ -135,9 +135,13 @@ class Pipeline:
                 mask[i, length - len(r) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _options(self, steps: int | None, guidance: float | None, sampling: SamplingConfig | None, temperature, top_k, top_p) -> tuple[int, float, SamplingConfig]:
-        """The generation options, unset ones taken from the model's config."""
+    def _options(
+        self, steps: int | None, guidance: float | None, sampling: SamplingConfig | None, temperature, top_k, top_p, edit: bool = False
+    ) -> tuple[int, float, SamplingConfig]:
+        """The generation options, unset ones taken from the model's config (for edits, its `edit_temperature`)."""
         cfg = self.model.config
+        if temperature is None and edit and cfg.edit_temperature is not None:
+            temperature = cfg.edit_temperature
         steps = cfg.num_inference_steps if steps is None else steps
         guidance = cfg.guidance_scale if guidance is None else guidance
         sampling = sampling or SamplingConfig(
@@ -206,7 +210,7 @@ class Pipeline:
             raise ValueError(f"{len(images)} images and {len(instructions)} instructions do not pair up")
         n = max(len(images), len(instructions))
         images, instructions = images * (n // len(images)), instructions * (n // len(instructions))
-        options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p)
+        options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p, edit=True)
         x = images_to_tensor(np.stack([self.reference_array(im, i) for i, im in enumerate(images)])).to(self.device, self.model.vae.dtype)
         codes = self.model.image_tokenizer.encode(x.to(next(self.model.image_tokenizer.parameters()).dtype))
         ids, mask = self.tokenize(instructions, codes.tolist())
