@@ -1,7 +1,7 @@
 """How local are an image tokenizer's codes? The share of codes an edit changes, against the cells it changes.
 
     python benchmarks/tokenizer_locality.py                                  # the bundled tiny model's tokenizer
-    python benchmarks/tokenizer_locality.py --tokenizer runs/tiny-local-tok/image_tokenizer/final
+    python benchmarks/tokenizer_locality.py --tokenizer runs/tiny-groupnorm-tok/image_tokenizer/final  # the GroupNorm form
 
 For each pair of the canonical edit suite, the true source and target images are encoded. "Content cells" are the
 cells whose semantic labels (color class, shape class) differ between the two scenes. An edit that moves one object
