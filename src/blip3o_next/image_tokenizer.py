@@ -116,7 +116,9 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
         norm: `group` (GroupNorm: every code depends on the whole image's statistics, so an edit anywhere changes
             codes everywhere) or `channel` (per-position: an edit changes only the codes near it).
         encoder_kernel_size: kernel of the encoder's residual blocks; 1 keeps each code's receptive field to about
-            two cells (16 px at the tiny preset) instead of the whole image.
+            two cells (16 px at the tiny preset) instead of the whole image. The tiny recipe uses `channel` with
+            kernel 1 (configs/tiny/1_image_tokenizer.yaml); the defaults are the older form, which checkpoints saved
+            before these options existed were trained with.
     """
 
     @register_to_config
