@@ -2,6 +2,7 @@
 policy toward higher-reward tokens, and one real step on the bundled model (only the AR part changes)."""
 
 import csv
+import json
 import dataclasses
 import logging
 
@@ -13,11 +14,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from blip3o_next.autoregressive import SamplingConfig, blueprint_hidden_states, sample_blueprint
 from blip3o_next.cli import main
 from blip3o_next.grpo import (
-    GRPOConfig, Rollouts, TrainingPrompts, group_advantages, grpo_loss, policy_update, sample_rollouts, token_logprobs, train_grpo,
+    Editing, GRPOConfig, Rollouts, TextToImage, TrainingEdits, TrainingPrompts, group_advantages, grpo_loss, policy_update, sample_rollouts,
+    token_logprobs, train_grpo,
 )
 from blip3o_next.modeling import Blip3oNext
 from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
-from blip3o_next.rewards import VerifierReward
+from blip3o_next.rewards import EditReward, VerifierReward
+from blip3o_next.shapeworld.edits import edit_suite, sample_edit
 from blip3o_next.shapeworld.prompts import canonical_suite, parse_prompt
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene_for
@@ -70,6 +73,21 @@ def test_bad_reward_weights_are_rejected():
         VerifierReward({"clip": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         VerifierReward({"strict": -1.0})
+    with pytest.raises(ValueError, match="unknown reward"):
+        EditReward({"strict": 1.0})  # the edit rewards are success, partial and consistency
+
+
+def test_edit_reward_on_hand_made_outputs():
+    """The ground-truth target earns everything; the untouched source keeps its consistency but misses the edit
+    (one object wrong, counted as one miss and one extra); a blank canvas earns little."""
+    pair = sample_edit("recolor", np.random.default_rng(3))
+    n = len(pair.source.objects)
+    blank = np.full_like(render(pair.source), 128)
+    r = EditReward()([pair] * 3, [render(pair.target), render(pair.source), blank])
+    assert r.parts["success"].tolist() == [1.0, 0.0, 0.0]
+    assert r.parts["partial"][:2].tolist() == pytest.approx([1.0, (n + 1) / (n + 3)]) and r.parts["partial"][2] < 0.5
+    assert r.parts["consistency"][:2].tolist() == [1.0, 1.0] and r.parts["consistency"][2] == 0.0
+    assert r.total.tolist() == pytest.approx([2.5, (n + 1) / (n + 3) + 0.5, r.parts["partial"][2]])
 
 
 # ----------------------------------------------------------------------------- objective
@@ -163,7 +181,7 @@ def test_grpo_moves_a_toy_policy_toward_rewarded_tokens():
     for _ in range(8):
         codes = sample_blueprint(policy, ids, mask, VOCAB, N_TOKENS, SamplingConfig(top_k=0, top_p=1.0), generator).codes
         shares.append(good_share(codes).mean().item())
-        rollouts = Rollouts(prompts=[], input_ids=ids, attention_mask=mask, codes=codes, images=[])
+        rollouts = Rollouts(items=[], input_ids=ids, attention_mask=mask, codes=codes, images=[])
         stats = policy_update(policy, reference, VOCAB, rollouts, good_share(codes), optimizer, params, cfg)
     assert shares[0] < 0.4 and np.mean(shares[-2:]) > shares[0] + 0.2, shares
     assert stats["kl"] > 0
@@ -194,7 +212,7 @@ def test_rollouts_of_a_prompt_share_their_starting_noise():
     images = {}
     for shared in (True, False):
         cfg = GRPOConfig(num_generations=2, temperature=1e-4, num_inference_steps=2, shared_noise=shared, eval_per_category=0)
-        rollouts = sample_rollouts(pipe, prompt, cfg, torch.Generator().manual_seed(0))
+        rollouts = sample_rollouts(pipe, TextToImage(cfg), prompt, cfg, torch.Generator().manual_seed(0))
         assert torch.equal(rollouts.codes[0], rollouts.codes[1])
         images[shared] = rollouts.images
     assert np.array_equal(*images[True]) and not np.array_equal(*images[False])
@@ -243,3 +261,48 @@ def test_grpo_cli_rejects_a_bad_config(tmp_path, capsys):
     bad.write_text("stage: grpo\nreward_weights: {clip: 1}\n")
     assert main(["train", "--config", str(bad)]) == 2  # `stage: grpo` alone picks the GRPO trainer
     assert "unknown reward" in capsys.readouterr().err
+    out = tmp_path / "run"
+    bad.write_text("stage: grpo\n")
+    assert main(["train", "grpo", "--config", str(bad), "--init-from", str(tmp_path / "nothing"), "--output-dir", str(out)]) == 2
+    assert "nothing/blip3o_config.json: missing" in capsys.readouterr().err and not (out / "final").exists()
+    bad.write_text("stages: [a.yaml]\n")
+    assert main(["train", "--config", str(bad), "--init-from", "tiny"]) == 2 and "not to a recipe" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- GRPO on editing
+
+
+def test_training_edits_never_include_the_heldout_suite():
+    cfg = GRPOConfig(task="edit", heldout_per_category=30, eval_per_category=0)
+    edits = TrainingEdits(cfg)
+    key = lambda p: (p.instruction, p.source)  # noqa: E731
+    heldout = {key(p) for p in edit_suite(30, seed=0)}
+    drawn = [p for step in range(10) for p in edits.draw(step, 9)]
+    assert not {key(p) for p in drawn} & heldout
+    assert {p.spec.category for p in drawn} == set(edits.categories) and len(edits.categories) == 9
+    assert [p.instruction for p in edits.draw(3, 9)] == [p.instruction for p in TrainingEdits(cfg).draw(3, 9)]  # same on resume
+
+
+def test_edit_grpo_needs_an_edit_model_and_edit_settings(tmp_path):
+    with pytest.raises(ValueError, match="unknown categories"):
+        GRPOConfig(task="edit", category_weights={"dense": 1.0})
+    with pytest.raises(ValueError, match="task must be one of"):
+        GRPOConfig(task="inpaint")
+    with pytest.raises(ValueError, match="trained to edit"):
+        train_grpo(GRPOConfig(task="edit", init_from="tiny", output_dir=str(tmp_path), eval_per_category=0))
+
+
+def test_one_edit_grpo_step_changes_only_the_edit_ar(tmp_path):
+    """GRPO on editing tunes the edit AR model alone; the text-to-image AR model, diffusion and VAE stay as they
+    were. With a one-pair-per-category evaluation, the before/after table and grid are written too."""
+    cfg = GRPOConfig(task="edit", init_from="tiny-edit", output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, num_generations=3,
+                     num_inference_steps=2, lr=1e-3, eval_per_category=1, checkpoint_every=1)
+    out = train_grpo(cfg)
+    before = Blip3oNext.from_pretrained(BUNDLED_MODELS["tiny-edit"], torch_dtype=torch.float32).state_dict()
+    after = Blip3oNext.from_pretrained(out / "final", torch_dtype=torch.float32).state_dict()
+    assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"edit_ar"}
+    (row,) = _metrics(out)
+    assert {"reward_success", "reward_partial", "reward_consistency"} <= set(row) and float(row["kl"]) == 0.0
+    table = (out / "before_after.md").read_text()
+    assert "| keep (partial) | 1 |" in table and "**overall success**" in table
+    assert (out / "before_after.png").is_file() and json.loads((out / "eval_after.json").read_text())["n"] == 9

@@ -292,16 +292,20 @@ def cmd_eval_imgedit(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .modeling import CheckpointError
     from .trainer import Recipe, is_recipe, run_recipe, train_stage_file
 
-    if args.kind is None and is_recipe(args.config):
-        if args.output_dir or args.steps:
-            raise InputError(f"{args.config}: --output-dir and --steps apply to one stage, not to a recipe")
-        timings = run_recipe(Recipe.from_yaml(args.config))
-        print("finished: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + f"; total {sum(timings.values()) / 60:.1f} min")
-        return 0
-    # `grpo` also runs a file without `stage: grpo`, whose settings GRPOConfig then checks.
-    out = train_stage_file(args.config, args.kind, output_dir=args.output_dir, steps=args.steps)
+    try:
+        if args.kind is None and is_recipe(args.config):
+            if args.output_dir or args.steps or args.init_from:
+                raise InputError(f"{args.config}: --output-dir, --steps and --init-from apply to one stage, not to a recipe")
+            timings = run_recipe(Recipe.from_yaml(args.config))
+            print("finished: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + f"; total {sum(timings.values()) / 60:.1f} min")
+            return 0
+        # `grpo` also runs a file without `stage: grpo`, whose settings GRPOConfig then checks.
+        out = train_stage_file(args.config, args.kind, output_dir=args.output_dir, steps=args.steps, init_from=args.init_from)
+    except CheckpointError as e:  # e.g. init_from names a folder that is not a model
+        raise InputError(str(e)) from None
     print(f"wrote {out}/ (checkpoints, final/, metrics.csv, curves and sample grids, tensorboard/; GRPO: before/after evaluation)")
     return 0
 
@@ -485,13 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the bundled model "
         "from scratch). Each stage resumes from the newest checkpoint in its output folder. Runs under "
         "`accelerate launch` or `torchrun` for several processes. `blip3o train grpo --config configs/tiny/6_grpo.yaml` "
-        "runs reinforcement learning (GRPO on the AR model with verifier rewards; settings: blip3o_next.grpo.GRPOConfig).",
+        "runs reinforcement learning (GRPO on the AR model with verifier rewards; settings: blip3o_next.grpo.GRPOConfig); "
+        "configs/tiny/7_edit_grpo.yaml (`task: edit`) runs it on an edit model's edit AR model with edit rewards.",
     )
     tr.add_argument("kind", nargs="?", choices=("grpo",), help="grpo: reinforcement learning (also chosen by `stage: grpo` in the YAML)")
     tr.add_argument("--config", required=True, metavar="YAML",
                     help="a stage's settings (fields of blip3o_next.trainer.TrainConfig, or GRPOConfig for grpo) or a recipe (a `stages:` list)")
     tr.add_argument("--output-dir", help="override the config's output_dir")
     tr.add_argument("--steps", type=_positive, help="override the config's number of steps")
+    tr.add_argument("--init-from", metavar="MODEL", help="override the config's init_from: the model to start from (a bundled name such as tiny, or a folder)")
     tr.set_defaults(func=cmd_train)
 
     gen = commands.add_parser(

@@ -219,7 +219,7 @@ def evaluate_edits(items: Sequence[EditItem], parser: SceneParser | None = None)
         results.append(r)
         rows.append(
             {"id": item.id, "instruction": item.instruction, "category": item.spec.category, "passed": r.passed,
-             "psnr": r.psnr, "reasons": r.reasons, "parsed_output": out_scene.to_dict()}
+             "psnr": r.psnr, "partial": r.partial, "reasons": r.reasons, "parsed_output": out_scene.to_dict()}
         )
     return rows, summarize_edits([row["category"] for row in rows], results)
 

@@ -10,6 +10,10 @@ One step:
        with the ratio to the policy that sampled the rollouts and the k3 KL estimator
        exp(ref - logp) - (ref - logp) - 1 (zero when policy equals reference); mean over tokens, then images.
 
+`task: edit` runs the same loop on an edit model's edit AR model: edit pairs from the data engine (never one of
+the held-out ImgEdit suite), the frozen diffusion model renders each edit blueprint with the reference image's
+latents, and the edit rewards score the outputs against the pair's source and target (rewards.EditReward).
+
 Why not TRL's GRPOTrainer: it samples completions with `generate` over the whole vocabulary and hands the reward
 functions decoded text. A rollout here must sample exactly n tokens inside the image codebook, and its reward
 needs the policy's hidden states over those tokens (they condition the diffusion model) and a batched render of
@@ -36,9 +40,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .autoregressive import SamplingConfig, blueprint_hidden_states
-from .fileio import save_png, write_json
-from .rewards import DEFAULT_REWARD_WEIGHTS, REWARD_NAMES, VerifierReward, check_reward_weights
+from .fileio import InputError, save_png, write_json
+from .rewards import (
+    DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, EDIT_REWARD_NAMES, REWARD_NAMES, EditReward, Rewards, VerifierReward, check_reward_weights,
+)
+from .shapeworld.edits import EDIT_CATEGORIES, EditPair, edit_suite, sample_edit
 from .shapeworld.prompts import CATEGORIES, COMPOSITION, Prompt, canonical_prompt, canonical_suite, composition_prompt
+from .shapeworld.render import render as render_scene
 from .text_tokenizer import ImageVocab
 from .trainer import MetricsLog, PretrainedModuleStage, config_from_yaml, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
@@ -46,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILES = ("metrics.csv", "reward_curves.png", "kl_curve.png", "eval_before.json", "eval_after.json", "before_after.md", "before_after.png", "timings.json")
 PROMPT_SOURCES = (*CATEGORIES, COMPOSITION)
+TASKS = ("t2i", "edit")
 PROBE_DRAWS = 2000  # canonical prompts drawn per category to find the categories with training prompts left
 
 
@@ -54,6 +63,7 @@ class GRPOConfig:
     """Settings of one GRPO run (YAML keys are these field names; unknown keys are rejected)."""
 
     stage: str = field(default="grpo", metadata={"help": "always grpo (tells `blip3o train` which trainer reads this file)"})
+    task: str = field(default="t2i", metadata={"help": "t2i: text-to-image prompts and the AR model; edit: edit pairs and an edit model's edit AR model"})
     output_dir: str = field(default="runs/grpo", metadata={"help": "checkpoints, metrics.csv, curves, evaluations and final/ go here"})
     init_from: str = field(default="tiny", metadata={"help": "the model to tune (a bundled name or a folder); also the frozen KL reference"})
     steps: int = field(default=60, metadata={"help": "optimizer steps (one batch of rollouts each)"})
@@ -70,13 +80,16 @@ class GRPOConfig:
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature (no top-k/top-p, so log-probs are exact)"})
     num_inference_steps: int | None = field(default=None, metadata={"help": "diffusion steps of the rollouts (default: the model's)"})
     guidance_scale: float | None = field(default=None, metadata={"help": "CFG scale of the rollouts (default: the model's)"})
-    reward_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REWARD_WEIGHTS), metadata={"help": f"weights of {', '.join(REWARD_NAMES)}"})
-    category_weights: dict[str, float] | None = field(
-        default=None, metadata={"help": f"training prompt mix over the categories and {COMPOSITION} (default: every one with prompts left, equally)"}
+    reward_weights: dict[str, float] | None = field(
+        default=None, metadata={"help": f"weights of {', '.join(REWARD_NAMES)} (t2i) or {', '.join(EDIT_REWARD_NAMES)} (edit); unset ones keep their defaults"}
     )
-    heldout_per_category: int = field(default=50, metadata={"help": "the evaluation suite excluded from training: prompts per category"})
-    heldout_suite_seed: int = field(default=0, metadata={"help": "... and its seed (the same as `blip3o eval geneval --suite-seed`)"})
-    eval_per_category: int = field(default=50, metadata={"help": "before/after GenEval on the held-out suite (0 skips)"})
+    category_weights: dict[str, float] | None = field(
+        default=None,
+        metadata={"help": f"training mix over the categories and {COMPOSITION} (t2i) or the edit categories (default: every one with prompts left, equally)"},
+    )
+    heldout_per_category: int = field(default=50, metadata={"help": "the evaluation suite excluded from training: prompts (or edit pairs) per category"})
+    heldout_suite_seed: int = field(default=0, metadata={"help": "... and its seed (the same as `blip3o eval geneval/imgedit --suite-seed`)"})
+    eval_per_category: int = field(default=50, metadata={"help": "before/after GenEval (ImgEdit for edits) on the held-out suite (0 skips)"})
     eval_seed: int = field(default=0, metadata={"help": "generation seed of the before/after evaluation and grid"})
     seed: int = field(default=0, metadata={"help": "seeds the prompt draws and the rollouts"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
@@ -96,10 +109,14 @@ class GRPOConfig:
             raise ValueError(f"num_generations must be >= 2 (advantages compare rollouts of one prompt), got {self.num_generations}")
         if self.temperature <= 0 or self.lr <= 0 or self.beta < 0 or not 0 < self.epsilon < 1:
             raise ValueError("need temperature > 0, lr > 0, beta >= 0 and 0 < epsilon < 1")
-        self.reward_weights = check_reward_weights(self.reward_weights)
-        unknown = sorted(set(self.category_weights or {}) - set(PROMPT_SOURCES))
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        edits = self.task == "edit"
+        self.reward_weights = check_reward_weights(self.reward_weights or {}, DEFAULT_EDIT_REWARD_WEIGHTS if edits else DEFAULT_REWARD_WEIGHTS)
+        sources = EDIT_CATEGORIES if edits else PROMPT_SOURCES
+        unknown = sorted(set(self.category_weights or {}) - set(sources))
         if unknown:
-            raise ValueError(f"unknown categories {', '.join(unknown)}; choose from {', '.join(PROMPT_SOURCES)}")
+            raise ValueError(f"unknown categories {', '.join(unknown)}; choose from {', '.join(sources)}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "GRPOConfig":
@@ -107,6 +124,15 @@ class GRPOConfig:
 
 
 # ----------------------------------------------------------------------------- prompts
+
+
+def _category_mix(weights: dict[str, float], has_items) -> tuple[list[str], np.ndarray]:
+    """The categories with a weight > 0 and items to train on, and their draw probabilities."""
+    categories = [c for c, w in weights.items() if w > 0 and has_items(c)]
+    if not categories:
+        raise ValueError("no category has training items outside the held-out suite")
+    w = np.array([weights[c] for c in categories], dtype=float)
+    return categories, w / w.sum()
 
 
 class TrainingPrompts:
@@ -121,12 +147,7 @@ class TrainingPrompts:
     def __init__(self, cfg: GRPOConfig):
         self.heldout = {p.text for p in canonical_suite(cfg.heldout_per_category, seed=cfg.heldout_suite_seed)}
         self.seed = cfg.seed
-        weights = cfg.category_weights or {c: 1.0 for c in PROMPT_SOURCES}
-        self.categories = [c for c, w in weights.items() if w > 0 and self._has_training_prompts(c)]
-        if not self.categories:
-            raise ValueError("no category has prompts outside the held-out suite")
-        w = np.array([weights[c] for c in self.categories], dtype=float)
-        self.probabilities = w / w.sum()
+        self.categories, self.probabilities = _category_mix(cfg.category_weights or {c: 1.0 for c in PROMPT_SOURCES}, self._has_training_prompts)
 
     @staticmethod
     def _prompt(category: str, rng: np.random.Generator) -> Prompt:
@@ -145,6 +166,31 @@ class TrainingPrompts:
                 prompt = self._prompt(str(category), rng)
             prompts.append(prompt)
         return prompts
+
+
+def _edit_key(pair: EditPair) -> str:
+    return json.dumps([pair.instruction, pair.source.to_dict()], sort_keys=True)
+
+
+class TrainingEdits:
+    """Edit pairs from the data engine (canonical instructions, as the ImgEdit suite's), minus every pair of the
+    held-out suite. Random source scenes make a collision rare; it is checked anyway. Step k's pairs depend on
+    (seed, k) alone."""
+
+    def __init__(self, cfg: GRPOConfig):
+        self.heldout = {_edit_key(p) for p in edit_suite(cfg.heldout_per_category, seed=cfg.heldout_suite_seed)}
+        self.seed = cfg.seed
+        self.categories, self.probabilities = _category_mix(cfg.category_weights or {c: 1.0 for c in EDIT_CATEGORIES}, lambda c: True)
+
+    def draw(self, step: int, n: int) -> list[EditPair]:
+        rng = np.random.default_rng([self.seed, 8, step])
+        pairs = []
+        for category in rng.choice(self.categories, size=n, p=self.probabilities):
+            pair = sample_edit(str(category), rng)
+            while _edit_key(pair) in self.heldout:
+                pair = sample_edit(str(category), rng)
+            pairs.append(pair)
+        return pairs
 
 
 # ----------------------------------------------------------------------------- objective
@@ -184,73 +230,163 @@ def grpo_loss(
 
 @dataclass
 class Rollouts:
-    prompts: list[Prompt]  # one per rollout (each prompt repeated num_generations times)
-    input_ids: torch.Tensor  # left-padded prompts
+    items: list  # one per rollout: the Prompt or EditPair (each repeated num_generations times)
+    input_ids: torch.Tensor  # left-padded AR inputs
     attention_mask: torch.Tensor
     codes: torch.Tensor  # (N, n) sampled blueprints
     images: list[np.ndarray]
 
 
-def sample_rollouts(pipe, prompts: list[Prompt], cfg: GRPOConfig, generator: torch.Generator) -> Rollouts:
-    """`num_generations` blueprints per prompt from the current policy, rendered by the frozen diffusion model."""
-    repeated = [p for p in prompts for _ in range(cfg.num_generations)]
-    texts = [p.text for p in repeated]
+def sample_rollouts(pipe, task: "GRPOTask", items: list, cfg: GRPOConfig, generator: torch.Generator) -> Rollouts:
+    """`num_generations` blueprints per prompt (or edit pair) from the current policy, rendered by the frozen
+    diffusion model."""
+    repeated = [item for item in items for _ in range(cfg.num_generations)]
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=0, top_p=1.0)
     noise = None
     if cfg.shared_noise:
-        noise = torch.randn((len(prompts), *pipe.model.latent_shape), generator=generator).repeat_interleave(cfg.num_generations, 0)
-    out = pipe(texts, generator=generator, sampling=sampling, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, latents=noise)
-    ids, mask = pipe.tokenize(texts)
+        noise = torch.randn((len(items), *pipe.model.latent_shape), generator=generator).repeat_interleave(cfg.num_generations, 0)
+    options = dict(generator=generator, sampling=sampling, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, latents=noise)
+    out, ids, mask = task.render(pipe, repeated, **options)
     return Rollouts(repeated, ids, mask, out.blueprints.to(ids.device), [np.asarray(im) for im in out.images])
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- tasks
 
 
-def evaluate_heldout(pipe, cfg: GRPOConfig) -> dict:
-    """GenEval-ShapeWorld on the held-out suite (the prompts training never sees), with the model's defaults."""
-    from .evaluation import evaluate_t2i, generate_t2i_items, geneval_suite
-
-    prompts, counts = geneval_suite(cfg.eval_per_category, seed=cfg.heldout_suite_seed)
-    items = generate_t2i_items(pipe, prompts, counts, seed=cfg.eval_seed, progress=False)
-    _, summary = evaluate_t2i(items)
-    return summary
+def _change_row(name: str, n: int | str, before: float | None, after: float | None, digits: int = 3) -> str:
+    if before is None or after is None:
+        return f"| {name} | {n} | {before} | {after} | |"
+    return f"| {name} | {n} | {before:.{digits}f} | {after:.{digits}f} | {after - before:+.{digits}f} |"
 
 
-def comparison_table(before: dict, after: dict) -> str:
-    """Markdown table of strict pass (and OCR) per category, before and after RL."""
-    lines = ["| category | n | before | after | change |", "|---|---|---|---|---|"]
-    for cat, b in before["categories"].items():
-        a = after["categories"][cat]
-        lines.append(f"| {cat} | {b['n']} | {b['pass']:.3f} | {a['pass']:.3f} | {a['pass'] - b['pass']:+.3f} |")
-        if "ocr" in b:
-            lines.append(f"| {cat} (OCR reward) | {b['n']} | {b['ocr']:.3f} | {a['ocr']:.3f} | {a['ocr'] - b['ocr']:+.3f} |")
-        lines.append(f"| {cat} (partial) | {b['n']} | {b['partial']:.3f} | {a['partial']:.3f} | {a['partial'] - b['partial']:+.3f} |")
-    lines.append(f"| **overall** (six GenEval categories) | | {before['overall']:.3f} | {after['overall']:.3f} | {after['overall'] - before['overall']:+.3f} |")
-    return "\n".join(lines)
-
-
-def before_after_grid(before_pipe, after_pipe, cfg: GRPOConfig, path: Path, per_category: int = 2) -> None:
-    """The same held-out prompts and seeds through the model before and after RL, side by side."""
-    from .evaluation import evaluate_t2i, generate_t2i_items
+def _before_after_grid(cells: list, rows_before: list[dict], rows_after: list[dict], text: str, columns: int):
+    """Cells captioned "pass -> fail: <prompt or instruction>" and framed by the result after RL."""
     from .viz import image_grid
 
-    prompts = canonical_suite(per_category, seed=cfg.heldout_suite_seed)
-    pairs = []
-    for pipe in (before_pipe, after_pipe):
-        items = generate_t2i_items(pipe, prompts, [1] * len(prompts), seed=cfg.eval_seed, progress=False)
-        pairs.append((items, evaluate_t2i(items)[0]))
-    (before, rows_b), (after, rows_a) = pairs
-    cells = [[b.images[0], a.images[0]] for b, a in zip(before, after)]
-    captions = [f"{'pass' if rb['passed'] else 'fail'} -> {'pass' if ra['passed'] else 'fail'}: {rb['prompt']}" for rb, ra in zip(rows_b, rows_a)]
-    save_png(path, image_grid(cells, captions, [ra["passed"] for ra in rows_a], tile=128, columns=4))
+    verdict = lambda row: "pass" if row["passed"] else "fail"  # noqa: E731
+    captions = [f"{verdict(b)} -> {verdict(a)}: {b[text]}" for b, a in zip(rows_before, rows_after)]
+    return image_grid(cells, captions, [a["passed"] for a in rows_after], tile=128, columns=columns)
+
+
+class TextToImage:
+    """GRPO on text to image: data-engine prompts, the AR model, GenEval-style rewards and evaluation."""
+
+    edits = False
+    reward_names = REWARD_NAMES
+
+    def __init__(self, cfg: GRPOConfig):
+        self.training = TrainingPrompts(cfg)
+        self.reward = VerifierReward(cfg.reward_weights)
+
+    @staticmethod
+    def render(pipe, prompts: list[Prompt], **options: Any):
+        texts = [p.text for p in prompts]
+        return pipe(texts, **options), *pipe.tokenize(texts)
+
+    def score(self, rollouts: Rollouts) -> Rewards:
+        return self.reward([p.requirement for p in rollouts.items], rollouts.images)
+
+    @staticmethod
+    def evaluate(pipe, cfg: GRPOConfig) -> dict:
+        """GenEval-ShapeWorld on the held-out suite (the prompts training never sees), with the model's defaults."""
+        from .evaluation import evaluate_t2i, generate_t2i_items, geneval_suite
+
+        prompts, counts = geneval_suite(cfg.eval_per_category, seed=cfg.heldout_suite_seed)
+        items = generate_t2i_items(pipe, prompts, counts, seed=cfg.eval_seed, progress=False)
+        return evaluate_t2i(items)[1]
+
+    @staticmethod
+    def table(before: dict, after: dict) -> str:
+        """Markdown table of strict pass (and OCR) per category, before and after RL."""
+        lines = ["| category | n | before | after | change |", "|---|---|---|---|---|"]
+        for cat, b in before["categories"].items():
+            a = after["categories"][cat]
+            lines.append(_change_row(cat, b["n"], b["pass"], a["pass"]))
+            if "ocr" in b:
+                lines.append(_change_row(f"{cat} (OCR reward)", b["n"], b["ocr"], a["ocr"]))
+            lines.append(_change_row(f"{cat} (partial)", b["n"], b["partial"], a["partial"]))
+        lines.append(_change_row("**overall** (six GenEval categories)", "", before["overall"], after["overall"]))
+        return "\n".join(lines)
+
+    @staticmethod
+    def grid(before_pipe, after_pipe, cfg: GRPOConfig, per_category: int = 2):
+        """The same held-out prompts and seeds through the model before and after RL, side by side."""
+        from .evaluation import evaluate_t2i, generate_t2i_items
+
+        prompts = canonical_suite(per_category, seed=cfg.heldout_suite_seed)
+        before, after = [generate_t2i_items(pipe, prompts, [1] * len(prompts), seed=cfg.eval_seed, progress=False) for pipe in (before_pipe, after_pipe)]
+        rows_b, rows_a = evaluate_t2i(before)[0], evaluate_t2i(after)[0]
+        return _before_after_grid([[b.images[0], a.images[0]] for b, a in zip(before, after)], rows_b, rows_a, "prompt", columns=4)
+
+
+class Editing:
+    """GRPO on editing: data-engine edit pairs, an edit model's edit AR model, edit rewards, ImgEdit evaluation."""
+
+    edits = True
+    reward_names = EDIT_REWARD_NAMES
+
+    def __init__(self, cfg: GRPOConfig):
+        self.training = TrainingEdits(cfg)
+        self.reward = EditReward(cfg.reward_weights)
+
+    @staticmethod
+    def render(pipe, pairs: list[EditPair], **options: Any):
+        sources, instructions = [render_scene(p.source) for p in pairs], [p.instruction for p in pairs]
+        inputs = pipe.edit_inputs(sources, instructions)
+        return pipe.edit(sources, instructions, **options), inputs.input_ids, inputs.attention_mask
+
+    def score(self, rollouts: Rollouts) -> Rewards:
+        return self.reward(rollouts.items, rollouts.images)
+
+    @staticmethod
+    def _items(pipe, cfg: GRPOConfig, per_category: int):
+        from .evaluation import generate_edit_items
+
+        return generate_edit_items(pipe, edit_suite(per_category, seed=cfg.heldout_suite_seed), seed=cfg.eval_seed, progress=False)
+
+    def evaluate(self, pipe, cfg: GRPOConfig) -> dict:
+        """ImgEdit-ShapeWorld on the held-out suite (edit pairs training never sees), with the model's defaults."""
+        from .evaluation import evaluate_edits
+
+        return evaluate_edits(self._items(pipe, cfg, cfg.eval_per_category))[1]
+
+    @staticmethod
+    def table(before: dict, after: dict) -> str:
+        """Markdown table of edit success and partial credit per category, then PSNR and consistency."""
+        lines = ["| category | n | before | after | change |", "|---|---|---|---|---|"]
+        for cat, b in before["categories"].items():
+            a = after["categories"][cat]
+            lines.append(_change_row(cat, b["n"], b["success"], a["success"]))
+            lines.append(_change_row(f"{cat} (partial)", b["n"], b["partial"], a["partial"]))
+        b, a = before["overall"], after["overall"]
+        lines.append(_change_row("**overall success** (mean of the categories)", b["n"], b["success"], a["success"]))
+        lines.append(_change_row("mean consistency PSNR (dB)", b["n"], b["psnr"], a["psnr"], digits=1))
+        lines.append(_change_row("successes at >= 30 dB", "", b["consistent_successes"], a["consistent_successes"]))
+        return "\n".join(lines)
+
+    def grid(self, before_pipe, after_pipe, cfg: GRPOConfig, per_category: int = 2):
+        """The same held-out edits and seeds before and after RL: source | before | after."""
+        from .evaluation import evaluate_edits
+
+        before, after = self._items(before_pipe, cfg, per_category), self._items(after_pipe, cfg, per_category)
+        rows_b, rows_a = evaluate_edits(before)[0], evaluate_edits(after)[0]
+        cells = [[b.source_image, b.output_image, a.output_image] for b, a in zip(before, after)]
+        return _before_after_grid(cells, rows_b, rows_a, "instruction", columns=3)
+
+
+GRPOTask = TextToImage | Editing
+
+
+def make_task(cfg: GRPOConfig) -> GRPOTask:
+    return Editing(cfg) if cfg.task == "edit" else TextToImage(cfg)
 
 
 # ----------------------------------------------------------------------------- loop
 
 
 class PolicyStage(PretrainedModuleStage):
-    """The whole model saved in checkpoints (only its AR part changes), so any checkpoint loads as a model."""
+    """The whole model saved in checkpoints (only its AR part, or edit AR part, changes), so any checkpoint loads
+    as a model."""
 
     def __init__(self, model):
         self.module = model
@@ -267,14 +403,15 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     write_json(out / "config.json", dataclasses.asdict(cfg))
     torch.manual_seed(cfg.seed)
     model = Blip3oNext.from_pretrained(resolve_model_path(cfg.init_from), torch_dtype=torch.float32)
+    task = make_task(cfg)
+    if task.edits and not model.config.editing:
+        raise InputError(f"task edit needs a model trained to edit (edit SFT); {cfg.init_from} is not")
     model.requires_grad_(False).eval()  # eval: no dropout, so the sampler and the loss see the same policy
-    model.ar.requires_grad_(True)
+    policy = model.ar_for(task.edits).requires_grad_(True)
     pipe = Pipeline(model, cfg.device, compile_transformer=cfg.compile_transformer)  # moves the model to the device
-    reference = copy.deepcopy(model.ar).requires_grad_(False)
-    prompts = TrainingPrompts(cfg)
-    logger.info("training prompt categories: %s", ", ".join(prompts.categories))
-    reward = VerifierReward(cfg.reward_weights)
-    params = [p for p in model.ar.parameters() if p.requires_grad]
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    logger.info("training categories: %s", ", ".join(task.training.categories))
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     stage = PolicyStage(model)
@@ -286,13 +423,13 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     timings = _read_timings(out)
     if cfg.eval_per_category and not (out / "eval_before.json").is_file():
         start = time.perf_counter()
-        write_json(out / "eval_before.json", evaluate_heldout(Pipeline.from_pretrained(cfg.init_from, cfg.device), cfg))
+        write_json(out / "eval_before.json", task.evaluate(Pipeline.from_pretrained(cfg.init_from, cfg.device), cfg))
         timings["eval_before_seconds"] = round(time.perf_counter() - start, 1)
     metrics = MetricsLog(out, enabled=True)
     bar = tqdm(total=cfg.steps, initial=step, desc="grpo")
     while step < cfg.steps:
         t0 = time.perf_counter()
-        values = grpo_step(pipe, reference, prompts.draw(step, cfg.prompts_per_step), reward, optimizer, params, cfg, step)
+        values = grpo_step(pipe, policy, reference, task, task.training.draw(step, cfg.prompts_per_step), optimizer, params, cfg, step)
         scheduler.step()
         step += 1
         values["seconds"] = time.perf_counter() - t0
@@ -304,7 +441,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             save_checkpoint(out, step, stage, model, optimizer, scheduler, step)
             prune_checkpoints(out, cfg.keep_checkpoints)
             write_json(out / "timings.json", timings)
-            metrics.plot("reward_curves.png", [f"reward_{n}" for n in REWARD_NAMES] + ["reward"], log_scale=False, title="GRPO rewards (batch means)")
+            metrics.plot("reward_curves.png", [f"reward_{n}" for n in task.reward_names] + ["reward"], log_scale=False, title="GRPO rewards (batch means)")
             metrics.plot("kl_curve.png", ["kl"], log_scale=False, title="KL(policy || reference) per token")
     bar.close()
     metrics.close()
@@ -314,11 +451,11 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     if cfg.eval_per_category and _evaluated_step(out / "eval_after.json") != step:  # a run extended by --steps evaluates again
         start = time.perf_counter()
         after_pipe = Pipeline.from_pretrained(out / "final", cfg.device)
-        write_json(out / "eval_after.json", {**evaluate_heldout(after_pipe, cfg), "step": step})
+        write_json(out / "eval_after.json", {**task.evaluate(after_pipe, cfg), "step": step})
         timings["eval_after_seconds"] = round(time.perf_counter() - start, 1)
-        before_after_grid(Pipeline.from_pretrained(cfg.init_from, cfg.device), after_pipe, cfg, out / "before_after.png")
+        save_png(out / "before_after.png", task.grid(Pipeline.from_pretrained(cfg.init_from, cfg.device), after_pipe, cfg))
         before, after = (json.loads((out / f"eval_{k}.json").read_text()) for k in ("before", "after"))
-        (out / "before_after.md").write_text(comparison_table(before, after) + "\n")
+        (out / "before_after.md").write_text(task.table(before, after) + "\n")
     write_json(out / "timings.json", timings)
     if cfg.docs_dir:
         Path(cfg.docs_dir).mkdir(parents=True, exist_ok=True)
@@ -328,14 +465,14 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     return out
 
 
-def grpo_step(pipe, reference, prompts: list[Prompt], reward: VerifierReward, optimizer, params, cfg: GRPOConfig, step: int) -> dict[str, float]:
-    """Sample and score a group per prompt, then update the policy on them."""
+def grpo_step(pipe, policy, reference, task: GRPOTask, items: list, optimizer, params, cfg: GRPOConfig, step: int) -> dict[str, float]:
+    """Sample and score a group per prompt (or edit pair), then update the policy on them."""
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 3, step]).generate_state(1)[0]))
     with torch.no_grad():
-        rollouts = sample_rollouts(pipe, prompts, cfg, generator)
-    rewards = reward([p.requirement for p in rollouts.prompts], rollouts.images)
-    stats = policy_update(pipe.model.ar, reference, pipe.model.image_vocab, rollouts, rewards.total, optimizer, params, cfg)
-    categories = np.array([p.category for p in rollouts.prompts])
+        rollouts = sample_rollouts(pipe, task, items, cfg, generator)
+    rewards = task.score(rollouts)
+    stats = policy_update(policy, reference, pipe.model.image_vocab, rollouts, rewards.total, optimizer, params, cfg)
+    categories = np.array([item.category for item in rollouts.items])
     return {
         "reward": rewards.total.mean().item(),
         **{f"reward_{name}": value for name, value in rewards.means().items()},

@@ -53,6 +53,14 @@ class PipelineOutput:
     blueprint_previews: list[Image.Image]  # the image tokenizer's decoding of the blueprint
 
 
+@dataclass
+class EditInputs:
+    pixels: torch.Tensor  # (B, 3, S, S) reference images in [-1, 1]
+    reference_codes: torch.Tensor  # (B, n) their image tokens
+    input_ids: torch.Tensor  # left-padded instruction + reference tokens
+    attention_mask: torch.Tensor
+
+
 class Pipeline:
     """Registers a model's parts by name and runs generation; owns no weights of its own."""
 
@@ -173,8 +181,7 @@ class Pipeline:
         diffusion's starting noise (e.g. shared by images that should differ only in their blueprints)."""
         prompts = _texts(prompts, "prompt")
         options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p)
-        if latents is not None and tuple(latents.shape) != (len(prompts), *self.model.latent_shape):
-            raise ValueError(f"latents must have shape {(len(prompts), *self.model.latent_shape)}, got {tuple(latents.shape)}")
+        self._check_latents(latents, len(prompts))
         ids, mask = self.tokenize(prompts)
         return self._render(ids, mask, *options, _generator(generator, seed), progress, noise=latents)
 
@@ -193,6 +200,7 @@ class Pipeline:
         top_p: float | None = None,
         progress: bool = False,
         preserve_unchanged: bool | None = None,
+        latents: torch.Tensor | None = None,
     ) -> PipelineOutput:
         """Edit each image by its instruction (one image with several instructions, or several images with one
         instruction, pair up too). Images of another size are resized to the model's, with a notice; any mode
@@ -201,7 +209,25 @@ class Pipeline:
         `preserve_unchanged` (None: the model's `edit_preserve_unchanged`) keeps the reference where the edit's
         blueprint left it unchanged: the cells whose tokens differ from the reference's, widened by the model's
         `edit_preserve_margin` cells, are generated, and the rest is held at the reference's latents during
-        sampling (`sample_latents`' `known`)."""
+        sampling (`sample_latents`' `known`). `latents` is the starting noise, as in `__call__`."""
+        options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p, edit=True)
+        inputs = self.edit_inputs(images, instructions)
+        self._check_latents(latents, len(inputs.input_ids))
+        if preserve_unchanged is None:
+            preserve_unchanged = self.model.config.edit_preserve_unchanged
+        return self._render(
+            inputs.input_ids, inputs.attention_mask, *options, _generator(generator, seed), progress,
+            reference_latents=encode_latents(self.model.vae, inputs.pixels), noise=latents,
+            preserve=inputs.reference_codes if preserve_unchanged else None,
+        )
+
+    def _check_latents(self, latents: torch.Tensor | None, n: int) -> None:
+        if latents is not None and tuple(latents.shape) != (n, *self.model.latent_shape):
+            raise ValueError(f"latents must have shape {(n, *self.model.latent_shape)}, got {tuple(latents.shape)}")
+
+    def edit_inputs(self, images: Image.Image | np.ndarray | list, instructions: str | list[str]) -> EditInputs:
+        """The AR and diffusion inputs of edits: reference pixels, their image tokens, and the instructions followed
+        by those tokens (one image with several instructions, or several images with one instruction, pair up)."""
         if not self.can_edit:
             raise ValueError("this model was not trained to edit (no edit SFT); train one with `blip3o train --config configs/tiny/5_edit_sft.yaml`")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -210,16 +236,10 @@ class Pipeline:
             raise ValueError(f"{len(images)} images and {len(instructions)} instructions do not pair up")
         n = max(len(images), len(instructions))
         images, instructions = images * (n // len(images)), instructions * (n // len(instructions))
-        options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p, edit=True)
         x = images_to_tensor(np.stack([self.reference_array(im, i) for i, im in enumerate(images)])).to(self.device, self.model.vae.dtype)
         codes = self.model.image_tokenizer.encode(x.to(next(self.model.image_tokenizer.parameters()).dtype))
         ids, mask = self.tokenize(instructions, codes.tolist())
-        if preserve_unchanged is None:
-            preserve_unchanged = self.model.config.edit_preserve_unchanged
-        return self._render(
-            ids, mask, *options, _generator(generator, seed), progress, reference_latents=encode_latents(self.model.vae, x),
-            preserve=codes if preserve_unchanged else None,
-        )
+        return EditInputs(pixels=x, reference_codes=codes, input_ids=ids, attention_mask=mask)
 
     def reference_array(self, image: Image.Image | np.ndarray, index: int = 0) -> np.ndarray:
         """An image to edit as an (S, S, 3) uint8 array at the model's size S."""

@@ -13,6 +13,13 @@ and an optional fourth (weight 0 by default):
              policy can buy matched objects with extra ones; precision charges each extra. (A penalty on extras
              alone, 1 / (1 + extras), was tried first: it paid for empty canvases, and the policy learned them.)
 The total is their weighted sum (ocr counted only where it applies).
+
+Edits (GRPO on the edit AR model) have their own three, each in [0, 1], scored against the edit pair's source:
+    success      1 when the verifier passes the edit (scorers.check_edit), else 0;
+    partial      the fraction of the edit's atomic requirements met (background, word, each object the output
+                 must hold, one per extra object);
+    consistency  PSNR outside the edited boxes mapped linearly from 20 dB (0) to 40 dB (1); it does not apply
+                 where nothing outside the edit is left to compare.
 """
 
 from __future__ import annotations
@@ -24,12 +31,17 @@ import numpy as np
 import torch
 
 from .evaluation import parse_images
-from .scorers import check_t2i
+from .scorers import check_edit, check_t2i
+from .shapeworld.edits import EditPair
 from .shapeworld.prompts import Requirement
+from .shapeworld.render import render
 from .verifier import SceneParser
 
 REWARD_NAMES = ("strict", "partial", "ocr", "precision")
 DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0, "precision": 0.0}
+EDIT_REWARD_NAMES = ("success", "partial", "consistency")
+DEFAULT_EDIT_REWARD_WEIGHTS = {"success": 1.0, "partial": 1.0, "consistency": 0.5}
+CONSISTENCY_PSNR_RANGE = (20.0, 40.0)  # dB mapped to a consistency reward of 0 and 1
 
 
 @dataclass
@@ -42,15 +54,21 @@ class Rewards:
         return {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in self.parts.items()}
 
 
-def check_reward_weights(weights: Mapping[str, float]) -> dict[str, float]:
+def check_reward_weights(weights: Mapping[str, float], defaults: Mapping[str, float] = DEFAULT_REWARD_WEIGHTS) -> dict[str, float]:
     """The default weights updated by `weights`; a ValueError names an unknown reward or a negative weight."""
-    unknown = sorted(set(weights) - set(REWARD_NAMES))
+    unknown = sorted(set(weights) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown reward(s) {', '.join(unknown)}; the rewards are {', '.join(REWARD_NAMES)}")
-    merged = {**DEFAULT_REWARD_WEIGHTS, **{k: float(v) for k, v in weights.items()}}
+        raise ValueError(f"unknown reward(s) {', '.join(unknown)}; the rewards are {', '.join(defaults)}")
+    merged = {**defaults, **{k: float(v) for k, v in weights.items()}}
     if any(w < 0 for w in merged.values()) or not any(w > 0 for w in merged.values()):
         raise ValueError(f"reward weights must be >= 0 with at least one > 0, got {merged}")
     return merged
+
+
+def weighted_rewards(parts: dict[str, np.ndarray], weights: Mapping[str, float]) -> Rewards:
+    """The weighted sum of the rewards, a NaN (does not apply) counting 0."""
+    total = sum(weights[name] * np.nan_to_num(values, nan=0.0) for name, values in parts.items())
+    return Rewards(total=torch.as_tensor(total, dtype=torch.float32), parts=parts)
 
 
 class VerifierReward:
@@ -70,5 +88,33 @@ class VerifierReward:
             "ocr": np.array([np.nan if r.ocr is None else r.ocr for r in results]),
             "precision": np.array([r.precision for r in results]),
         }
-        total = sum(self.weights[name] * np.nan_to_num(values, nan=0.0) for name, values in parts.items())
-        return Rewards(total=torch.as_tensor(total, dtype=torch.float32), parts=parts)
+        return weighted_rewards(parts, self.weights)
+
+
+def consistency_reward(psnr: float | None) -> float:
+    """PSNR mapped linearly onto [0, 1] over CONSISTENCY_PSNR_RANGE; NaN when there is nothing to compare."""
+    if psnr is None:
+        return float("nan")
+    low, high = CONSISTENCY_PSNR_RANGE
+    return float(np.clip((psnr - low) / (high - low), 0.0, 1.0))
+
+
+class EditReward:
+    """`reward(pairs, outputs)` -> Rewards, one per edit output: `pairs` are shapeworld.edits.EditPair (source
+    scene, instruction, ground-truth target), `outputs` the edited images."""
+
+    def __init__(self, weights: Mapping[str, float] | None = None, parser: SceneParser | None = None):
+        self.weights = check_reward_weights(weights or {}, DEFAULT_EDIT_REWARD_WEIGHTS)
+        self.parser = parser or SceneParser()
+
+    def __call__(self, pairs: Sequence[EditPair], outputs: Sequence[np.ndarray]) -> Rewards:
+        if len(pairs) != len(outputs):
+            raise ValueError(f"{len(pairs)} edit pairs for {len(outputs)} images")
+        scenes = parse_images(list(outputs), self.parser)
+        results = [check_edit(p.source, p.spec, scene, render(p.source), out, p.target) for p, scene, out in zip(pairs, scenes, outputs)]
+        parts = {
+            "success": np.array([float(r.passed) for r in results]),
+            "partial": np.array([r.partial for r in results]),
+            "consistency": np.array([consistency_reward(r.psnr) for r in results]),
+        }
+        return weighted_rewards(parts, self.weights)

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
+from scipy.optimize import linear_sum_assignment
 
 from .shapeworld.edits import RESIZE_FACTORS, EditSpec, find_referent
 from .shapeworld.prompts import CATEGORIES, GENEVAL_CATEGORIES, ObjectSpec, Requirement, text_group_index
@@ -151,6 +152,7 @@ class EditResult:
     passed: bool
     psnr: float | None  # consistency outside the edited boxes, dB (capped at PSNR_CAP)
     reasons: list[str] = field(default_factory=list)
+    partial: float = 0.0  # fraction of the edit's atomic requirements met (the RL partial credit)
 
     @property
     def consistent(self) -> bool | None:
@@ -224,7 +226,8 @@ def _assign(expected: Sequence[_Expected], objects: Sequence[ShapeObject]) -> li
     return search(0, frozenset())
 
 
-def _edit_reasons(source: Scene, spec: EditSpec, output: Scene) -> tuple[list[str], list[int] | None, list[_Expected]]:
+def _scene_reasons(source: Scene, spec: EditSpec, output: Scene) -> list[str]:
+    """What is wrong with the output's background and word (at most one reason each)."""
     reasons = []
     want_bg = spec.background if spec.category == "background" else source.background
     if output.background != want_bg:
@@ -237,16 +240,34 @@ def _edit_reasons(source: Scene, spec: EditSpec, output: Scene) -> tuple[list[st
         tol = POSITION_TOLERANCE * scale(source.canvas)
         if math.hypot(output.text.cx - source.text.cx, output.text.cy - source.text.cy) > tol:
             reasons.append("the text moved")
-    expected = _expected_objects(source, spec, output)
-    assignment = _assign(expected, output.objects)
-    if assignment is None:
-        want = sorted(f"{e.color} {e.shape}" for e in expected)
-        got = sorted(f"{o.color} {o.shape}" for o in output.objects)
-        if want != got:
-            reasons.append(f"objects are [{', '.join(got)}], expected [{', '.join(want)}]")
-        else:
-            reasons.append("an object is out of place or the wrong size: " + "; ".join(e.what for e in expected))
-    return reasons, assignment, expected
+    return reasons
+
+
+def _object_reasons(expected: Sequence[_Expected], assignment: list[int] | None, output: Scene) -> list[str]:
+    if assignment is not None:
+        return []
+    want = sorted(f"{e.color} {e.shape}" for e in expected)
+    got = sorted(f"{o.color} {o.shape}" for o in output.objects)
+    if want != got:
+        return [f"objects are [{', '.join(got)}], expected [{', '.join(want)}]"]
+    return ["an object is out of place or the wrong size: " + "; ".join(e.what for e in expected)]
+
+
+def _max_matched(expected: Sequence[_Expected], objects: Sequence[ShapeObject]) -> int:
+    """How many expected objects a one-to-one matching can satisfy at most (a miss costs one, not all)."""
+    if not expected or not objects:
+        return 0
+    fits = np.array([[o.shape == e.shape and o.color == e.color and e.test(o) for o in objects] for e in expected])
+    rows, cols = linear_sum_assignment(fits, maximize=True)
+    return int(fits[rows, cols].sum())
+
+
+def edit_partial_credit(scene_reasons: Sequence[str], expected: Sequence[_Expected], output: Scene) -> float:
+    """Fraction of an edit's atomic requirements met, as `check_t2i`'s partial credit: the background, the word,
+    each object the output must hold, and one requirement per extra object (so drawing more never pays)."""
+    matched = _max_matched(expected, output.objects)
+    extras = len(output.objects) - matched
+    return (2 - len(scene_reasons) + matched) / (2 + len(expected) + extras)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float | None:
@@ -302,9 +323,16 @@ def check_edit(
     source: Scene, spec: EditSpec, output: Scene, source_image: np.ndarray, output_image: np.ndarray, target: Scene | None = None
 ) -> EditResult:
     """Did the output (parsed as `output`) carry out `spec` on `source`, and how consistent is it elsewhere?"""
-    reasons, assignment, expected = _edit_reasons(source, spec, output)
+    scene_reasons = _scene_reasons(source, spec, output)
+    expected = _expected_objects(source, spec, output)
+    assignment = _assign(expected, output.objects)
     mask = consistency_mask(source, spec, output, assignment, expected, target)
-    return EditResult(passed=not reasons, psnr=_psnr(source_image, output_image, mask), reasons=reasons)
+    return EditResult(
+        passed=not scene_reasons and assignment is not None,
+        psnr=_psnr(source_image, output_image, mask),
+        reasons=scene_reasons + _object_reasons(expected, assignment, output),
+        partial=edit_partial_credit(scene_reasons, expected, output),
+    )
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -343,6 +371,7 @@ def summarize_edits(categories: Sequence[str], results: Sequence[EditResult]) ->
         return {
             "n": len(rs),
             "success": float(np.mean([r.passed for r in rs])),
+            "partial": float(np.mean([r.partial for r in rs])),
             "psnr": float(np.mean(psnrs)) if psnrs else None,
             "consistent_successes": float(np.mean([r.consistent for r in wins])) if wins else None,
         }

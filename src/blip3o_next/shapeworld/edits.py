@@ -73,6 +73,10 @@ class EditPair:
     spec: EditSpec
     target: Scene
 
+    @property
+    def category(self) -> str:
+        return self.spec.category
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "instruction": self.instruction,
