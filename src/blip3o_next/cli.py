@@ -486,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = commands.add_parser(
         "train", help="run a training stage (image_tokenizer, vae, pretrain, sft, edit_sft, grpo) or a whole recipe from YAML", formatter_class=fmt,
-        description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the bundled model "
-        "from scratch). Each stage resumes from the newest checkpoint in its output folder. Runs under "
+        description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the text-to-image "
+        "model from scratch; configs/tiny/rl_recipe.yaml then tunes it with GRPO into the bundled tiny). Each stage resumes from the newest checkpoint in its output folder. Runs under "
         "`accelerate launch` or `torchrun` for several processes. `blip3o train grpo --config configs/tiny/6_grpo.yaml` "
         "runs reinforcement learning (GRPO on the AR model with verifier rewards; settings: blip3o_next.grpo.GRPOConfig); "
         "configs/tiny/7_edit_grpo.yaml (`task: edit`) runs it on an edit model's edit AR model with edit rewards.",
