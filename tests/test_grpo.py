@@ -14,7 +14,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from blip3o_next.autoregressive import SamplingConfig, blueprint_hidden_states, sample_blueprint
 from blip3o_next.cli import main
 from blip3o_next.grpo import (
-    Editing, GRPOConfig, Rollouts, TextToImage, TrainingEdits, TrainingPrompts, group_advantages, grpo_loss, policy_update, sample_rollouts,
+    GRPOConfig, Rollouts, TextToImage, TrainingEdits, TrainingPrompts, group_advantages, grpo_loss, policy_update, sample_rollouts,
     token_logprobs, train_grpo,
 )
 from blip3o_next.modeling import Blip3oNext
