@@ -34,8 +34,8 @@ from .vae import decode_latents, encode_latents
 
 logger = logging.getLogger(__name__)
 
-# Shipped with the package (float16). "tiny" is the text-to-image model after GRPO (docs/rl.md); "tiny-edit" is the
-# SFT model before GRPO after edit SFT. It also generates, with the SFT model's AR model unchanged (docs/editing.md).
+# Shipped with the package (float16). "tiny" is the text-to-image model after GRPO (docs/rl.md); "tiny-edit" is it
+# after edit SFT. It also generates, with tiny's AR model unchanged (docs/editing.md).
 BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / name for name in ("tiny", "tiny-edit")}
 
 
