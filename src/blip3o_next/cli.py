@@ -436,7 +436,8 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "tiny"
 def _add_preserve_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preserve", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the image where the edit's blueprint keeps the reference's tokens, and redraw only the rest "
-                             "(blended latent diffusion; default: the model's edit_preserve_unchanged, on for tiny-edit)")
+                             "(blended latent diffusion, plus the reference's own pixels there with the model's edit_paste_unchanged; "
+                             "default: the model's edit_preserve_unchanged; both on for tiny-edit)")
 
 
 def _add_speed_args(parser: argparse.ArgumentParser) -> None:

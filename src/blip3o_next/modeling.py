@@ -78,6 +78,9 @@ class Blip3oNextConfig:
     # latents during sampling, so only what the AR model changed is redrawn. Off in the official design.
     edit_preserve_unchanged: bool = False
     edit_preserve_margin: int = 0
+    # With preservation, also put the reference's own pixels back in those cells after decoding (the overlay of
+    # diffusers' inpainting pipelines), so they do not carry the VAE's reconstruction error.
+    edit_paste_unchanged: bool = False
     # AR sampling temperature for edits (None: `temperature`). An edit's blueprint should copy most of the
     # reference's tokens, which a cooler sampler does more often than the text-to-image default.
     edit_temperature: float | None = None

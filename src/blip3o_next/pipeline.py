@@ -209,7 +209,8 @@ class Pipeline:
         `preserve_unchanged` (None: the model's `edit_preserve_unchanged`) keeps the reference where the edit's
         blueprint left it unchanged: the cells whose tokens differ from the reference's, widened by the model's
         `edit_preserve_margin` cells, are generated, and the rest is held at the reference's latents during
-        sampling (`sample_latents`' `known`). `latents` is the starting noise, as in `__call__`."""
+        sampling (`sample_latents`' `known`); with the model's `edit_paste_unchanged`, the decoded image then takes
+        the reference's own pixels there. `latents` is the starting noise, as in `__call__`."""
         options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p, edit=True)
         inputs = self.edit_inputs(images, instructions)
         self._check_latents(latents, len(inputs.input_ids))
@@ -218,7 +219,7 @@ class Pipeline:
         return self._render(
             inputs.input_ids, inputs.attention_mask, *options, _generator(generator, seed), progress,
             reference_latents=encode_latents(self.model.vae, inputs.pixels), noise=latents,
-            preserve=inputs.reference_codes if preserve_unchanged else None,
+            preserve=(inputs.reference_codes, inputs.pixels) if preserve_unchanged else None,
         )
 
     def _check_latents(self, latents: torch.Tensor | None, n: int) -> None:
@@ -267,11 +268,12 @@ class Pipeline:
         progress: bool,
         reference_latents: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        preserve: torch.Tensor | None = None,
+        preserve: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> PipelineOutput:
         """From AR inputs to images: (1) the blueprint and its hidden states in one cached pass, (2) the connector
         (plus an edit's reference latents), (3) CFG flow-matching sampling (from `noise` if given; with `preserve`,
-        the reference's codes, cells the blueprint keeps stay at the reference latents), (4) decoding."""
+        the reference's codes and pixels, cells the blueprint keeps stay at the reference latents), (4) decoding
+        (with `preserve` and `edit_paste_unchanged`, those cells then take the reference's pixels)."""
         model = self.model
         edits = reference_latents is not None
         bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator, self.ar_decoders[edits])
@@ -283,13 +285,18 @@ class Pipeline:
             condition = model.with_reference(condition, reference_latents)
         known = None
         if preserve is not None:
-            known = reference_latents, unchanged_cells(bp.codes, preserve, model.config.edit_preserve_margin, model.latent_shape[1:])
+            reference_codes, reference_pixels = preserve
+            known = reference_latents, unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, model.latent_shape[1:])
         latents = sample_latents(
             self.transformer, model.scheduler.config, condition, model.latent_shape,
             num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
             latents=None if noise is None else noise.to(self.device, condition.tokens.dtype), known=known,
         )
-        images = tensor_to_images(decode_latents(model.vae, latents))
+        decoded = decode_latents(model.vae, latents)
+        if preserve is not None and model.config.edit_paste_unchanged:
+            keep = unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, tuple(decoded.shape[-2:]))
+            decoded = torch.lerp(decoded, reference_pixels.to(decoded.dtype), keep.to(decoded.dtype))
+        images = tensor_to_images(decoded)
         previews = tensor_to_images(model.image_tokenizer.decode(bp.codes))
         return PipelineOutput(
             images=[Image.fromarray(a) for a in images],
