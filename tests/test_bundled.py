@@ -4,7 +4,6 @@ The floors sit a few points under the scores this exact check measured when the 
 (see README "Results"); a change that breaks generation quality fails here.
 """
 
-
 import numpy as np
 import pytest
 from safetensors import safe_open
