@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from blip3o_next.autoregressive import SamplingConfig, blueprint_hidden_states, sample_blueprint
+from blip3o_next.autoregressive import SamplingConfig, forced_blueprint, sample_blueprint
 from blip3o_next.cli import main
 from blip3o_next.grpo import (
     GRPOConfig, Rollouts, TextToImage, TrainingEdits, TrainingPrompts, group_advantages, grpo_loss, policy_update, sample_rollouts,
@@ -155,12 +155,15 @@ def test_token_logprobs_line_up_with_the_sampler():
         assert torch.allclose(alternatives.view(2, CODEBOOK).exp().sum(1), torch.ones(2), atol=1e-5)  # a distribution over the codebook
 
 
-def test_teacher_forced_hidden_states_match_the_cached_sampler():
+def test_a_teacher_forced_blueprint_matches_the_cached_sampler():
     policy = _toy_policy()
     ids, mask = _toy_prompts(2)
     ids[0, 0], mask[0, 0] = 0, 0  # one left-padded row
     bp = sample_blueprint(policy, ids, mask, VOCAB, N_TOKENS, SamplingConfig(top_k=0, top_p=1.0), torch.Generator().manual_seed(1))
-    assert torch.allclose(blueprint_hidden_states(policy, VOCAB, ids, mask, bp.codes), bp.hidden_states, atol=1e-5)
+    forced = forced_blueprint(policy, VOCAB, ids, mask, bp.codes)
+    assert torch.equal(forced.codes, bp.codes)
+    assert torch.allclose(forced.hidden_states, bp.hidden_states, atol=1e-5)
+    assert torch.allclose(forced.prompt_hidden_states * mask[..., None], bp.prompt_hidden_states * mask[..., None], atol=1e-5)
 
 
 def test_grpo_moves_a_toy_policy_toward_rewarded_tokens():

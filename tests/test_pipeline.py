@@ -26,6 +26,19 @@ def test_generation_is_seeded(pipe):
     assert not torch.equal(a.blueprints, c.blueprints)
 
 
+
+def test_given_blueprints_render_as_if_they_had_been_sampled(pipe):
+    """`blueprints=` teacher-forces the codes: with the same starting noise, the sampled blueprint gives back the
+    sampled images, and another blueprint gives other images."""
+    prompts = ["a photo of a red circle", "two blue stars"]
+    noise = torch.randn((2, *pipe.model.latent_shape), generator=torch.Generator().manual_seed(5))
+    sampled = pipe(prompts, seed=3, num_inference_steps=2, latents=noise)
+    forced = pipe(prompts, num_inference_steps=2, latents=noise, blueprints=sampled.blueprints)
+    other = pipe(prompts, num_inference_steps=2, latents=noise, blueprints=sampled.blueprints.flip(0))
+    assert torch.equal(forced.blueprints, sampled.blueprints)
+    assert max(np.abs(np.asarray(x, int) - np.asarray(y, int)).max() for x, y in zip(sampled.images, forced.images)) <= 1
+    assert np.abs(np.asarray(other.images[0], int) - np.asarray(sampled.images[0], int)).max() > 8
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_pipeline_gives_the_same_images(pipe):
     compiled = Pipeline(pipe.model, compile_transformer=True, compile_ar=True)
@@ -53,3 +66,7 @@ def test_bad_input(pipe):
             pipe(bad)
     with pytest.raises(ValueError):
         pipe("a star", num_inference_steps=0)
+    n, codebook = pipe.model.num_image_tokens, pipe.model.image_vocab.codebook_size
+    for blueprints, message in ((torch.zeros(2, n, dtype=torch.long), "shape"), (torch.zeros(1, n), "integer"), (torch.full((1, n), codebook), "lie in")):
+        with pytest.raises(ValueError, match=message):
+            pipe("a star", blueprints=blueprints)

@@ -66,14 +66,15 @@ def image_span_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, voc
     return torch.cat([input_ids, prefix], 1), torch.cat([attention_mask, torch.ones_like(prefix)], 1)
 
 
-def blueprint_hidden_states(model: Qwen3ForCausalLM, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Last-layer hidden states (B, 1 + n, hidden) over <S0> and the given image codes after left-padded prompts:
-    what `sample_blueprint` keeps, for a blueprint that is given instead of sampled (teacher forcing, RL log-probs)."""
+def forced_blueprint(model: Qwen3ForCausalLM, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor) -> Blueprint:
+    """The `Blueprint` that `sample_blueprint` returns when it draws `codes` (B, n) after left-padded prompts, in
+    one teacher-forced pass: for a blueprint that is given instead of sampled (RL log-probs, the true-blueprint
+    ceiling, `Pipeline(..., blueprints=)`)."""
     ids, mask = image_span_prefix(input_ids, attention_mask, vocab)
     ids = torch.cat([ids, codes + vocab.image_offset], 1)
     mask = torch.cat([mask, torch.ones_like(codes)], 1)
     hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
-    return hidden[:, -(codes.shape[1] + 1) :]
+    return Blueprint(codes=codes, hidden_states=hidden[:, -(codes.shape[1] + 1) :], prompt_hidden_states=hidden[:, : input_ids.shape[1]])
 
 
 def _sample(logits: torch.Tensor, input_ids: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .autoregressive import SamplingConfig, blueprint_hidden_states
+from .autoregressive import SamplingConfig, forced_blueprint
 from .fileio import InputError, save_png, write_json
 from .rewards import (
     DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, EDIT_REWARD_NAMES, REWARD_NAMES, EditReward, Rewards, VerifierReward, check_reward_weights,
@@ -199,7 +199,7 @@ class TrainingEdits:
 def token_logprobs(ar, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities (B, n) of the image codes after left-padded prompts under `ar`, over the image codebook
     only (the blueprint sampler's support), at `temperature`."""
-    hidden = blueprint_hidden_states(ar, vocab, input_ids, attention_mask, codes)[:, :-1]  # <S0>..c_{n-1} predict c_1..c_n
+    hidden = forced_blueprint(ar, vocab, input_ids, attention_mask, codes).hidden_states[:, :-1]  # <S0>..c_{n-1} predict c_1..c_n
     logits = ar.lm_head(hidden)[..., vocab.image_offset : vocab.vocab_end].float() / temperature
     return logits.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1)
 

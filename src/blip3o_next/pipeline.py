@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .autoregressive import SamplingConfig, prompt_ids, sample_blueprint
+from .autoregressive import SamplingConfig, forced_blueprint, prompt_ids, sample_blueprint
 from .diffusion import sample_latents
 from .fileio import to_rgb
 from .image_tokenizer import images_to_tensor, tensor_to_images
@@ -175,15 +175,19 @@ class Pipeline:
         top_p: float | None = None,
         progress: bool = False,
         latents: torch.Tensor | None = None,
+        blueprints: torch.Tensor | None = None,
     ) -> PipelineOutput:
         """Generate one image per prompt. Unset options take the model's defaults (its config);
         `sampling` replaces all AR sampling options at once. `latents` (B, C, H, W), as in diffusers, are the
-        diffusion's starting noise (e.g. shared by images that should differ only in their blueprints)."""
+        diffusion's starting noise (e.g. shared by images that should differ only in their blueprints). `blueprints`
+        (B, N) image-token codes are rendered instead of sampled ones (teacher-forced through the AR model; e.g. the
+        image tokenizer's codes of a real image, as in benchmarks/blueprint_ceiling.py)."""
         prompts = _texts(prompts, "prompt")
         options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p)
         self._check_latents(latents, len(prompts))
+        self._check_blueprints(blueprints, len(prompts))
         ids, mask = self.tokenize(prompts)
-        return self._render(ids, mask, *options, _generator(generator, seed), progress, noise=latents)
+        return self._render(ids, mask, *options, _generator(generator, seed), progress, noise=latents, blueprints=blueprints)
 
     @torch.no_grad()
     def edit(
@@ -201,6 +205,7 @@ class Pipeline:
         progress: bool = False,
         preserve_unchanged: bool | None = None,
         latents: torch.Tensor | None = None,
+        blueprints: torch.Tensor | None = None,
     ) -> PipelineOutput:
         """Edit each image by its instruction (one image with several instructions, or several images with one
         instruction, pair up too). Images of another size are resized to the model's, with a notice; any mode
@@ -210,21 +215,31 @@ class Pipeline:
         blueprint left it unchanged: the cells whose tokens differ from the reference's, widened by the model's
         `edit_preserve_margin` cells, are generated, and the rest is held at the reference's latents during
         sampling (`sample_latents`' `known`); with the model's `edit_paste_unchanged`, the decoded image then takes
-        the reference's own pixels there. `latents` is the starting noise, as in `__call__`."""
+        the reference's own pixels there. `latents` and `blueprints` as in `__call__`."""
         options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p, edit=True)
         inputs = self.edit_inputs(images, instructions)
         self._check_latents(latents, len(inputs.input_ids))
+        self._check_blueprints(blueprints, len(inputs.input_ids))
         if preserve_unchanged is None:
             preserve_unchanged = self.model.config.edit_preserve_unchanged
         return self._render(
             inputs.input_ids, inputs.attention_mask, *options, _generator(generator, seed), progress,
             reference_latents=encode_latents(self.model.vae, inputs.pixels), noise=latents,
-            preserve=(inputs.reference_codes, inputs.pixels) if preserve_unchanged else None,
+            preserve=(inputs.reference_codes, inputs.pixels) if preserve_unchanged else None, blueprints=blueprints,
         )
 
     def _check_latents(self, latents: torch.Tensor | None, n: int) -> None:
         if latents is not None and tuple(latents.shape) != (n, *self.model.latent_shape):
             raise ValueError(f"latents must have shape {(n, *self.model.latent_shape)}, got {tuple(latents.shape)}")
+
+    def _check_blueprints(self, blueprints: torch.Tensor | None, n: int) -> None:
+        if blueprints is None:
+            return
+        shape, codebook = (n, self.model.num_image_tokens), self.model.image_vocab.codebook_size
+        if tuple(blueprints.shape) != shape or blueprints.is_floating_point():
+            raise ValueError(f"blueprints must be integer codes of shape {shape}, got {blueprints.dtype} {tuple(blueprints.shape)}")
+        if blueprints.min() < 0 or blueprints.max() >= codebook:
+            raise ValueError(f"blueprint codes must lie in 0..{codebook - 1}, got {int(blueprints.min())}..{int(blueprints.max())}")
 
     def edit_inputs(self, images: Image.Image | np.ndarray | list, instructions: str | list[str]) -> EditInputs:
         """The AR and diffusion inputs of edits: reference pixels, their image tokens, and the instructions followed
@@ -269,14 +284,19 @@ class Pipeline:
         reference_latents: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         preserve: tuple[torch.Tensor, torch.Tensor] | None = None,
+        blueprints: torch.Tensor | None = None,
     ) -> PipelineOutput:
-        """From AR inputs to images: (1) the blueprint and its hidden states in one cached pass, (2) the connector
+        """From AR inputs to images: (1) the blueprint and its hidden states in one cached pass (or, for given
+        `blueprints`, one teacher-forced pass), (2) the connector
         (plus an edit's reference latents), (3) CFG flow-matching sampling (from `noise` if given; with `preserve`,
         the reference's codes and pixels, cells the blueprint keeps stay at the reference latents), (4) decoding
         (with `preserve` and `edit_paste_unchanged`, those cells then take the reference's pixels)."""
         model = self.model
         edits = reference_latents is not None
-        bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator, self.ar_decoders[edits])
+        if blueprints is None:
+            bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator, self.ar_decoders[edits])
+        else:
+            bp = forced_blueprint(model.ar_for(edits), model.image_vocab, ids, mask, blueprints.to(ids.device, torch.long))
         if model.config.condition_source == "prompt":  # the no-blueprint ablation: the prompt's states
             condition = model.condition(bp.prompt_hidden_states, mask)
         else:
