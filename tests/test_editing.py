@@ -260,3 +260,17 @@ def test_pasting_puts_the_reference_pixels_back_only_where_the_blueprint_kept_th
     assert kept.any() and not kept.all()  # both kinds of cell occur, so both checks below bite
     np.testing.assert_array_equal(np.asarray(pasted.images[0])[kept], source[kept])
     np.testing.assert_array_equal(np.asarray(pasted.images[0])[~kept], np.asarray(plain.images[0])[~kept])
+
+
+def test_an_edit_given_the_reference_codes_as_its_blueprint_returns_the_reference(edit_dir):
+    """`blueprints=` on edits: a blueprint equal to the reference's codes keeps every cell, so with preservation and
+    pasting the output is the reference itself, pixel for pixel; without preservation it is drawn anew."""
+    model = Blip3oNext.from_pretrained(edit_dir)
+    model.config.edit_preserve_unchanged = model.config.edit_paste_unchanged = True
+    pipe, source = Pipeline(model), render(sample_edit("recolor", np.random.default_rng(2)).source)
+    reference_codes = pipe.edit_inputs(source, "keep the image unchanged").reference_codes
+    kept = pipe.edit(source, "make it different", seed=0, num_inference_steps=2, blueprints=reference_codes)
+    redrawn = pipe.edit(source, "make it different", seed=0, num_inference_steps=2, blueprints=reference_codes, preserve_unchanged=False)
+    assert torch.equal(kept.blueprints, reference_codes.cpu())
+    np.testing.assert_array_equal(np.asarray(kept.images[0]), source)
+    assert not np.array_equal(np.asarray(redrawn.images[0]), source)
