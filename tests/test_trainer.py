@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from blip3o_next.fileio import InputError
 from blip3o_next.modeling import Blip3oNext
 from blip3o_next.trainer import TrainConfig, latest_checkpoint, param_groups, train
 
@@ -61,7 +62,6 @@ def test_run_outputs(parts_dirs, tmp_path):
 
 
 def test_yaml_config_rejects_unknown_keys(tmp_path):
-    from blip3o_next.fileio import InputError
 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"stage": "vae", "stepz": 3}))
     with pytest.raises(InputError, match="stepz"):
@@ -118,6 +118,12 @@ def test_yaml_config_extends_another(tmp_path):
     (tmp_path / "sub" / "c.yaml").write_text(yaml.safe_dump({"extends": "../base.yaml", "lr": 0.25, "model": {"condition_source": "prompt"}}))
     cfg = TrainConfig.from_yaml(tmp_path / "sub" / "c.yaml")
     assert (cfg.stage, cfg.steps, cfg.lr, cfg.model) == ("vae", 7, 0.25, {"condition_source": "prompt"})
+    (tmp_path / "sub" / "d.yaml").write_text(yaml.safe_dump({"extends": "c.yaml", "steps": 3}))  # a chain of two
+    cfg = TrainConfig.from_yaml(tmp_path / "sub" / "d.yaml")
+    assert (cfg.stage, cfg.steps, cfg.lr, cfg.model) == ("vae", 3, 0.25, {"condition_source": "prompt"})
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"extends": "loop.yaml", "steps": 1}))
+    with pytest.raises(InputError, match="leads back"):
+        TrainConfig.from_yaml(tmp_path / "loop.yaml")
 
 
 def test_recipe_runs_stages_in_order_and_reports(tmp_path, monkeypatch):

@@ -129,13 +129,10 @@ class Recipe:
 
 def config_from_yaml(cls: type, path: str | os.PathLike, **overrides: Any) -> Any:
     """Read a config dataclass from YAML. `extends: OTHER.yaml` (relative to this file) starts from another
-    config; keys given here replace its keys (whole values: a `model:` mapping here replaces the base's).
-    Overrides that are None are ignored; unknown keys and invalid values raise a one-line InputError."""
-    data = _read_yaml(path)
-    if "extends" in data:
-        base = _read_yaml(Path(path).parent / str(data.pop("extends")))
-        base.pop("extends", None)
-        data = {**base, **data}
+    config, which may extend a third; keys given here replace its keys (whole values: a `model:` mapping here
+    replaces the base's). Overrides that are None are ignored; unknown keys and invalid values raise a one-line
+    InputError."""
+    data = _read_extended_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -153,10 +150,19 @@ def is_recipe(path: str | os.PathLike) -> bool:
 
 def read_stage(path: str | os.PathLike) -> str | None:
     """The `stage:` a config file names (following `extends:`), without validating the rest."""
+    return _read_extended_yaml(path).get("stage")
+
+
+def _read_extended_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's keys over those of the chain of files it `extends:` (each path relative to its file)."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise InputError(f"{path}: `extends:` leads back to this file")
     data = _read_yaml(path)
-    if "stage" not in data and "extends" in data:
-        return read_stage(Path(path).parent / str(data["extends"]))
-    return data.get("stage")
+    if "extends" not in data:
+        return data
+    base = _read_extended_yaml(path.parent / str(data.pop("extends")), (*seen, path))
+    return {**base, **data}
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
