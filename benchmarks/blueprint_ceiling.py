@@ -34,8 +34,7 @@ from blip3o_next.shapeworld.sampler import sample_scene_for
 
 def true_codes(pipe: Pipeline, images: np.ndarray) -> torch.Tensor:
     """The image tokenizer's codes (B, N) of (B, S, S, 3) uint8 images."""
-    tokenizer = pipe.model.image_tokenizer
-    return tokenizer.encode(images_to_tensor(images).to(pipe.device, next(tokenizer.parameters()).dtype))
+    return pipe.image_codes(images_to_tensor(images))
 
 
 def t2i_ceiling(pipe: Pipeline, args: argparse.Namespace) -> tuple[str, dict]:

@@ -26,7 +26,6 @@ def test_generation_is_seeded(pipe):
     assert not torch.equal(a.blueprints, c.blueprints)
 
 
-
 def test_given_blueprints_render_as_if_they_had_been_sampled(pipe):
     """`blueprints=` teacher-forces the codes: with the same starting noise, the sampled blueprint gives back the
     sampled images, and another blueprint gives other images."""
@@ -38,6 +37,7 @@ def test_given_blueprints_render_as_if_they_had_been_sampled(pipe):
     assert torch.equal(forced.blueprints, sampled.blueprints)
     assert max(np.abs(np.asarray(x, int) - np.asarray(y, int)).max() for x, y in zip(sampled.images, forced.images)) <= 1
     assert np.abs(np.asarray(other.images[0], int) - np.asarray(sampled.images[0], int)).max() > 8
+
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_pipeline_gives_the_same_images(pipe):

@@ -253,9 +253,14 @@ class Pipeline:
         n = max(len(images), len(instructions))
         images, instructions = images * (n // len(images)), instructions * (n // len(instructions))
         x = images_to_tensor(np.stack([self.reference_array(im, i) for i, im in enumerate(images)])).to(self.device, self.model.vae.dtype)
-        codes = self.model.image_tokenizer.encode(x.to(next(self.model.image_tokenizer.parameters()).dtype))
+        codes = self.image_codes(x)
         ids, mask = self.tokenize(instructions, codes.tolist())
         return EditInputs(pixels=x, reference_codes=codes, input_ids=ids, attention_mask=mask)
+
+    def image_codes(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The image tokenizer's codes (B, N) of (B, 3, S, S) pixels in [-1, 1] (`images_to_tensor`)."""
+        tokenizer = self.model.image_tokenizer
+        return tokenizer.encode(pixels.to(self.device, next(tokenizer.parameters()).dtype))
 
     def reference_array(self, image: Image.Image | np.ndarray, index: int = 0) -> np.ndarray:
         """An image to edit as an (S, S, 3) uint8 array at the model's size S."""
