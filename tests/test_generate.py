@@ -2,9 +2,14 @@
 
 import json
 import logging
+import random
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from blip3o_next.cli import main
 
@@ -49,6 +54,10 @@ def test_generate_is_reproducible(model_dir, tmp_path, capsys):
     (["generate"], "no prompt given"),
     (["generate", "a star", "--top-p", "0"], "must be in (0, 1]"),
     (["generate", "a star", "--steps", "-3"], "must be >= 1"),
+    (["generate", "a star", "--steps", "1001"], "must be in [1, 1000]"),
+    (["generate", "a star", "--guidance", "inf"], "--guidance: must be a finite number >= 0"),
+    (["generate", "a star", "--guidance", "nan"], "--guidance: must be a finite number >= 0"),
+    (["generate", "a star", "--temperature", "inf"], "--temperature: must be a finite number >= 0"),
 ])
 def test_generate_rejects_bad_arguments(model_dir, tmp_path, capsys, args, message):
     code, _, err = run(args + ["--model", model_dir, "-o", tmp_path / "x.png"], capsys)
@@ -63,6 +72,41 @@ def test_generate_refuses_unwritable_output_and_bad_model(model_dir, tmp_path, c
     assert code == 2 and "cannot write there" in err
     code, _, err = run(["generate", "a star", "-o", tmp_path / "o.png", "--model", tmp_path / "nowhere"], capsys)
     assert code == 2 and "blip3o_config.json" in err and not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("output", ["d.png", "d.png/"])
+def test_a_folder_as_output_is_refused_before_the_model_loads(tmp_path, capsys, output):
+    (tmp_path / "d.png").mkdir()
+    code, _, err = run(["generate", "a star", "-o", f"{tmp_path}/{output}", "--model", tmp_path / "nowhere"], capsys)
+    assert code == 2 and f"{tmp_path / 'd.png'}: is a folder" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["generate", "a star", "-o", tmp_path / "o.png", "--grid", tmp_path / "d.png", "--model", tmp_path / "nowhere"], capsys)
+    assert code == 2 and "is a folder" in err
+
+
+def _damage(path: Path, how: str) -> Path:
+    """Spoil one weights file of a model folder as a bad download or an old export would."""
+    if how == "random bytes":
+        path.write_bytes(random.Random(0).randbytes(5000))
+    elif how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:  # a pickle (torch.save) in place of the safetensors file
+        torch.save(load_file(path), path.with_suffix(".bin"))
+        path.unlink()
+        return path.with_suffix(".bin")
+    return path
+
+
+@pytest.mark.parametrize("part, how", [("ar/model.safetensors", "random bytes"), ("ar/model.safetensors", "truncated"),
+                                       ("transformer/diffusion_pytorch_model.safetensors", "pickle")])
+def test_damaged_or_pickled_weights_give_one_line_naming_the_file(model_dir, tmp_path, capsys, part, how):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    culprit = _damage(model / part, how)
+    code, _, err = run(["generate", "a star", "-o", tmp_path / "o.png", "--model", model, "--steps", "1"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(culprit) in err, err
+    assert ("pickle weights are refused" in err) == (how == "pickle")
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_generate_survives_odd_prompts(model_dir, tmp_path, capsys, caplog):

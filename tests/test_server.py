@@ -8,6 +8,7 @@ import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from blip3o_next.cli import main
 from blip3o_next.pipeline import Pipeline, PipelineOutput
-from blip3o_next.server import ServerConfig, create_app, decode_image, is_loopback
+from blip3o_next.server import ServerConfig, create_app, decode_image, is_loopback, served_host_names
 
 
 def png(size=(64, 64), color=(200, 30, 30), mode="RGB") -> bytes:
@@ -58,8 +59,11 @@ class EditingPipe(FakePipe):
         return self._output(1, seed)
 
 
+LOCAL = "http://127.0.0.1:7860"  # the server's own origin: requests from elsewhere are refused
+
+
 def client_for(pipe, **config) -> TestClient:
-    return TestClient(create_app(pipe, ServerConfig(ui=False, **{"default_steps": 1, **config})))
+    return TestClient(create_app(pipe, ServerConfig(ui=False, **{"default_steps": 1, **config})), base_url=LOCAL)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +150,8 @@ def test_generate_picks_a_seed_and_truncates_overlong_token_lists(real_client):
     (b'{"prompt": "a", "top_k": 0}', 422, "top_k must be in"),
     (b'{"prompt": "a", "temperature": -0.5}', 422, "temperature must be in"),
     (b'{"prompt": "a", "num_inference_steps": 2}', 422, "unknown field 'num_inference_steps'"),
+    (b'{"prompt": "a", "seed": ' + b"7" * 5000 + b"}", 400, "a number has too many digits"),
+    (b'{"prompt": "a", "steps": -' + b"9" * 5000 + b"}", 400, "a number has too many digits"),
 ])
 def test_generate_rejects_bad_bodies(fake, body, status, message):
     r = fake.post("/api/generate", content=body, headers={"Content-Type": "application/json"})
@@ -168,7 +174,7 @@ def test_generate_rejects_oversized_bodies_and_wrong_media(fake):
         r = small.post("/api/generate", content=chunks(), headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and "limit" in r.json()["error"]
     r = fake.post("/api/generate", files={"image": ("a.png", png())}, data={"prompt": "a star"})
-    assert r.status_code == 415 and "JSON" in r.json()["error"]
+    assert r.status_code == 415 and "takes Content-Type application/json" in r.json()["error"]
 
 
 def test_generate_passes_settings_to_the_model(fake):
@@ -233,9 +239,11 @@ def test_edit_rejects_bad_uploads(fake, image, fields, status, message):
     ({"image": base64.b64encode(b"GIF89a garbage").decode(), "instruction": "x"}, 415, "not a readable image"),
     ({"instruction": "x"}, 422, "missing field 'image'"),
     ({"image": base64.b64encode(png()).decode(), "instruction": "x", "num_images": 20}, 422, "num_images must be in"),
+    (b'{"image": "", "instruction": "x", "seed": ' + b"7" * 5000 + b"}", 400, "a number has too many digits"),
 ])
 def test_edit_rejects_bad_json(fake, body, status, message):
-    r = fake.post("/api/edit", json=body)
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()  # bytes: json.dumps refuses 5,000 digits
+    r = fake.post("/api/edit", content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
 
@@ -340,7 +348,7 @@ def test_model_failures_are_answered_and_the_server_keeps_serving(error, status,
 
 @pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated", "ignore:The copy keyword is deprecated")
 def test_web_page_is_served_beside_the_api():
-    with TestClient(create_app(FakePipe(), ServerConfig(default_steps=1))) as client:
+    with TestClient(create_app(FakePipe(), ServerConfig(default_steps=1)), base_url=LOCAL) as client:
         page = client.get("/")
         assert page.status_code == 200 and "<html" in page.text.lower()
         config = client.get("/config").json()
@@ -371,3 +379,78 @@ def test_serve_command_help_and_bad_arguments(capsys, tmp_path):
     assert e.value.code == 2 and "port" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
     assert "blip3o_config.json" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- security
+
+
+def test_a_foreign_host_name_is_refused_everywhere():
+    """DNS rebinding: a site whose name resolves to 127.0.0.1 reaches the server with its own name in Host."""
+    pipe = FakePipe()
+    with TestClient(create_app(pipe, ServerConfig(default_steps=1)), base_url="http://evil.example:7860") as client:
+        for method, path in (("post", "/api/generate"), ("get", "/health"), ("get", "/"), ("get", "/config")):
+            r = client.request(method, path, json={"prompt": "a star"})
+            assert r.status_code == 403 and "host 'evil.example' is not served here" in r.json()["error"], (path, r.text)
+    assert not pipe.calls
+    with client_for(FakePipe(), allowed_hosts=("demo.lan",)) as client:  # configurable
+        assert client.get("/health", headers={"Host": "demo.lan:7860"}).status_code == 200
+        assert client.get("/health", headers={"Host": "127.0.0.1:7860"}).status_code == 403
+    assert served_host_names("0.0.0.0", ["Demo.LAN"]) == ("localhost", "127.0.0.1", "::1", "demo.lan")
+    assert served_host_names("192.168.1.5") == ("localhost", "127.0.0.1", "::1", "192.168.1.5")
+
+
+def test_cross_origin_browser_requests_are_refused(fake):
+    """A page on another site may POST a "simple" request (text/plain, a form) from the user's browser without asking."""
+    body = json.dumps({"prompt": "a star"})
+    r = fake.post("/api/generate", content=body, headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+    assert r.status_code == 403 and "cross-origin request from 'http://evil.example' refused" in r.json()["error"]
+    r = fake.post("/api/edit", files={"image": IMAGE}, data={"instruction": "x"}, headers={"Origin": "null"})
+    assert r.status_code == 403
+    r = fake.post("/api/generate", content=body, headers={"Content-Type": "text/plain"})  # not even without an Origin
+    assert r.status_code == 415 and "application/json" in r.json()["error"]
+    assert not fake.pipe.calls
+    r = fake.post("/api/generate", content=body, headers={"Origin": LOCAL, "Content-Type": "application/json"})
+    assert r.status_code == 200  # the server's own page
+    with client_for(FakePipe(), allowed_origins=("https://app.example",)) as client:
+        assert client.post("/api/generate", json={"prompt": "a"}, headers={"Origin": "https://app.example"}).status_code == 200
+
+
+SECRET = "top-secret-8c1e77f0"
+
+
+def _cached_copies(text: str) -> list[Path]:
+    """Files in gradio's upload/cache folder holding `text`: anything there can be downloaded by its path."""
+    from gradio.utils import get_upload_folder
+
+    root = Path(get_upload_folder())
+    return [f for f in root.rglob("*") if f.is_file() and text.encode() in f.read_bytes()] if root.is_dir() else []
+
+
+def _sse_text(client: TestClient, url: str) -> str:
+    with client.stream("GET", url) as r:
+        return "".join(r.iter_text())
+
+
+@pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated", "ignore:The copy keyword is deprecated")
+def test_the_page_never_serves_a_file_it_was_not_given(tmp_path):
+    """A crafted gradio call naming a local file must neither copy it into gradio's cache nor return it, through every
+    route that takes a file, with the page mounted as `blip3o serve` mounts it."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    pipe = EditingPipe()
+    file_data = {"path": str(secret), "meta": {"_type": "gradio.FileData"}}
+    data = [file_data, "make it red", 0, 1, 2, 1]
+    answers = []
+    with TestClient(create_app(pipe, ServerConfig(default_steps=1)), base_url=LOCAL) as client:
+        event = client.post("/gradio_api/call/edit", json={"data": data}).json()["event_id"]  # call
+        answers.append(_sse_text(client, f"/gradio_api/call/edit/{event}"))
+        answers.append(client.post("/gradio_api/run/edit", json={"data": data}).text)  # run
+        fn_index = next(d["id"] for d in client.get("/config").json()["dependencies"] if d.get("api_name") == "edit")
+        join = client.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": "s1"})  # queue
+        answers += [join.text, _sse_text(client, "/gradio_api/queue/data?session_hash=s1")]
+        uploaded = client.post("/gradio_api/upload", files=[("files", ("a.png", png(), "image/png"))]).json()[0]  # upload + file
+        for path in (uploaded + "/../" * 12 + str(secret), str(secret), *map(str, _cached_copies(SECRET))):
+            answers.append(client.get(f"/gradio_api/file={path}").text)
+    assert all(SECRET not in a for a in answers)
+    assert not _cached_copies(SECRET)
+    assert not pipe.calls

@@ -9,6 +9,7 @@ only to read the hidden states.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,8 +30,8 @@ class SamplingConfig:
     top_p: float = 0.95  # 1.0 disables
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        if not 0 <= self.temperature < math.inf or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling settings {self}: need a finite temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
     def processors(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()

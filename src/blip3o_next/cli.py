@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from .fileio import InputError, check_writable_dir, save_png, write_json, write_
 from .runtime import keep_freed_memory
 
 log = logging.getLogger("blip3o")
+MAX_STEPS = 1000  # diffusion steps; the sampler converges in tens, so more only burns time (the server caps at 100)
 
 
 # ----------------------------------------------------------------------------- data
@@ -157,12 +159,19 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}_{i:03d}{suffix}") for i in range(count)]
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Fail before any work if an output cannot be written."""
+def _check_outputs(args: argparse.Namespace, count: int) -> None:
+    """Fail before any work if an output cannot be written: its folder is not writable, or the path is a folder."""
     output = Path(args.output)
     check_writable_dir(output.parent if str(output.parent) else Path("."))
+    paths = _output_paths(output, count)
+    if args.show_blueprint:
+        paths += [path.with_name(f"{path.stem}_blueprint.png") for path in paths]
     if args.grid:
         check_writable_dir(Path(args.grid).parent)
+        paths.append(Path(args.grid))
+    for path in paths:
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder; give a file name for the output")
 
 
 def _write_outputs(args: argparse.Namespace, labels: list[str], out, grid_cells: list[list[np.ndarray]]) -> None:
@@ -184,7 +193,7 @@ def _write_outputs(args: argparse.Namespace, labels: list[str], out, grid_cells:
 def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     jobs = [p for p in prompts for _ in range(args.num_images)]
-    _check_outputs(args)
+    _check_outputs(args, len(jobs))
     pipe = _load_pipeline(args)
     out = pipe.generate_in_batches(jobs, args.batch_size, args.seed, **_generation_kwargs(args))
     cells = [[np.asarray(i), np.asarray(b)] if args.show_blueprint else [np.asarray(i)] for i, b in zip(out.images, out.blueprint_previews)]
@@ -198,7 +207,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if not args.instruction.strip():
         raise InputError("the instruction is empty")
     source = load_image(args.image)  # a corrupted or non-image file fails here, before the model loads
-    _check_outputs(args)
+    _check_outputs(args, args.num_images)
     _check_can_edit(args)
     pipe = _load_pipeline(args)
     jobs = [args.instruction] * args.num_images
@@ -316,7 +325,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model once, then serve the web page and the JSON API until interrupted."""
     try:
-        from .server import ServerConfig, serve
+        from .server import ServerConfig, serve, served_host_names
     except ImportError as e:
         raise InputError(f"the server needs gradio and uvicorn ({e}); install them with: python3 -m pip install -e .") from None
     import torch
@@ -328,6 +337,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             queue_size=args.queue_size, timeout_s=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20),
             max_image_side=args.max_image_side, max_prompt_chars=args.max_prompt_chars, max_num_images=args.max_images,
             default_steps=args.steps, default_guidance=args.guidance, model_name=str(args.model), ui=not args.no_ui,
+            allowed_hosts=served_host_names(args.host, args.allowed_host), allowed_origins=tuple(args.allowed_origin),
         )
     except ValueError as e:
         raise InputError(f"serve: {e}") from None
@@ -368,9 +378,16 @@ def _non_negative(value: str) -> float:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not math.isfinite(x) or x < 0:  # inf guidance gives a black image, inf temperature noise: refuse both
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
     return x
+
+
+def _steps(value: str) -> int:
+    n = _positive(value)
+    if n > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_STEPS}], got {n}")
+    return n
 
 
 def _probability(value: str) -> float:
@@ -424,7 +441,7 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "tiny"
     parser.add_argument("--model", default=default_model, help="a bundled model name (tiny, tiny-edit) or a checkpoint folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (batch k uses seed + k)")
     parser.add_argument("--batch-size", type=_positive, default=16, help="images generated together")
-    parser.add_argument("--steps", type=_positive, help="diffusion steps (default: the model's)")
+    parser.add_argument("--steps", type=_steps, help=f"diffusion steps, 1-{MAX_STEPS} (default: the model's)")
     parser.add_argument("--guidance", type=_non_negative, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--temperature", type=_non_negative, help="AR sampling temperature; 0 = greedy (default: the model's; for edits its edit_temperature when set)")
     parser.add_argument("--top-k", type=_positive, help="AR top-k (default: the model's)")
@@ -547,9 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-image-side", type=_positive, default=4096, help="largest uploaded image side in px; beyond that: 413")
     srv.add_argument("--max-prompt-chars", type=_positive, default=1000, help="longest prompt or instruction; beyond that: 422")
     srv.add_argument("--max-images", type=_positive, default=8, help="most images per request")
-    srv.add_argument("--steps", type=_positive, help="default diffusion steps when a request sets none (default: the model's)")
+    srv.add_argument("--steps", type=_steps, help=f"default diffusion steps when a request sets none, 1-{MAX_STEPS} (default: the model's)")
     srv.add_argument("--guidance", type=_non_negative, help="default guidance scale when a request sets none (default: the model's)")
     srv.add_argument("--no-ui", action="store_true", help="serve the JSON API only, without the web page")
+    srv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="a Host name clients may use besides localhost, 127.0.0.1, ::1 and the --host address (repeatable; "
+                          "'*' allows any, which also allows DNS rebinding)")
+    srv.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                     help="a web origin (e.g. https://app.example.com) whose pages may call this server from a browser "
+                          "(repeatable; by default only the server's own page may)")
     srv.set_defaults(func=cmd_serve)
 
     ev = commands.add_parser("eval", help="score images with the verifier", formatter_class=fmt)

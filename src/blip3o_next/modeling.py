@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -333,33 +334,42 @@ class Blip3oNext(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> "Blip3oNext":
-        """Load every part from its subfolder; errors name the file or the tensor that does not fit."""
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, use_safetensors: bool = True) -> "Blip3oNext":
+        """Load every part from its subfolder, safetensors only (`use_safetensors` exists for the diffusers /
+        transformers signature and cannot be turned off); errors name the file or the tensor that does not fit."""
+        if not use_safetensors:
+            raise ValueError("BLIP3o-NEXT checkpoints load from safetensors only; pickle weights are never loaded")
         path = Path(path)
         config = read_config(path)
         for sub in SUBFOLDERS:
             if not (path / sub).is_dir():
                 raise CheckpointError(f"{path / sub}: missing part folder")
+        refuse_pickled_weights(path)
         dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        parts = {}
+        weights = {"use_safetensors": True}  # never fall back to a pickled *.bin, even one the scan above missed
+
+        def load_ar(p: Path) -> Qwen3ForCausalLM:
+            return Qwen3ForCausalLM.from_pretrained(p, **weights, **({"dtype": torch_dtype} if torch_dtype else {}))
+
         loaders = {
             "tokenizer": lambda p: PreTrainedTokenizerFast.from_pretrained(p),
-            "image_tokenizer": lambda p: ImageTokenizer.from_pretrained(p, **dtype),
-            "ar": lambda p: Qwen3ForCausalLM.from_pretrained(p, **({"dtype": torch_dtype} if torch_dtype else {})),
-            "connector": lambda p: Connector.from_pretrained(p, **dtype),
-            "transformer": lambda p: SanaTransformer2DModel.from_pretrained(p, **dtype),
-            "vae": lambda p: AutoencoderDC.from_pretrained(p, **dtype),
+            "image_tokenizer": lambda p: ImageTokenizer.from_pretrained(p, **weights, **dtype),
+            "ar": load_ar,
+            "connector": lambda p: Connector.from_pretrained(p, **weights, **dtype),
+            "transformer": lambda p: SanaTransformer2DModel.from_pretrained(p, **weights, **dtype),
+            "vae": lambda p: AutoencoderDC.from_pretrained(p, **weights, **dtype),
             "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(p),
-            "reference_connector": lambda p: Connector.from_pretrained(p, **dtype),
-            "edit_ar": lambda p: Qwen3ForCausalLM.from_pretrained(p, **({"dtype": torch_dtype} if torch_dtype else {})),
+            "reference_connector": lambda p: Connector.from_pretrained(p, **weights, **dtype),
+            "edit_ar": load_ar,
         }
+        parts = {}
         for name, load in loaders.items():
             if name in OPTIONAL_SUBFOLDERS and not (path / name).is_dir():
                 continue
             try:
                 parts[name] = load(path / name)
-            except (OSError, ValueError, RuntimeError, KeyError) as e:
-                raise CheckpointError(f"{path / name}: {str(e).strip().splitlines()[0]}") from None
+            except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+                raise CheckpointError(f"{_culprit(path / name, e)}: {str(e).strip().splitlines()[0]}") from None
         try:
             model = cls(config, **parts)
         except ValueError as e:
@@ -380,6 +390,23 @@ def widen_input(transformer: SanaTransformer2DModel, extra: int) -> None:
         new.bias.copy_(old.bias)
     transformer.patch_embed.proj = new
     transformer.register_to_config(in_channels=old.in_channels + extra)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(path: Path) -> None:
+    """Refuse a model folder holding pickle files (`torch.save`'s *.bin/*.pt...): unpickling runs arbitrary code, and
+    this project writes safetensors + JSON only, so such a file is at best stale and at worst hostile."""
+    for file in sorted(path.rglob("*")):
+        if file.suffix.lower() in PICKLE_SUFFIXES and file.is_file():
+            raise CheckpointError(f"{file}: pickle weights are refused (safetensors only); delete the file or convert it")
+
+
+def _culprit(folder: Path, error: Exception) -> Path:
+    """The file a part's loading error is about: its one safetensors file when the weights are damaged, else the folder."""
+    files = sorted(folder.glob("*.safetensors"))
+    return files[0] if isinstance(error, SafetensorError) and len(files) == 1 else folder
 
 
 def read_config(path: str | os.PathLike) -> Blip3oNextConfig:

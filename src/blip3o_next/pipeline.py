@@ -157,8 +157,8 @@ class Pipeline:
             top_k=cfg.top_k if top_k is None else top_k,
             top_p=cfg.top_p if top_p is None else top_p,
         )
-        if steps < 1 or guidance < 0:
-            raise ValueError(f"need num_inference_steps >= 1 and guidance_scale >= 0, got {steps}, {guidance}")
+        if steps < 1 or not (math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"need num_inference_steps >= 1 and a finite guidance_scale >= 0, got {steps}, {guidance}")
         return steps, guidance, sampling
 
     @torch.no_grad()

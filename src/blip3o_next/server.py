@@ -16,6 +16,10 @@ Limits: the model runs one job at a time in one worker thread (the event loop ne
 `queue_size` jobs wait behind it and further requests get 429 with Retry-After at once; a request that has not finished
 within `timeout_s` gets 504 (a job still waiting is dropped; a running one finishes in the background, still holding
 its queue slot); bodies over `max_body_bytes` get 413. Every bad input is a 4xx with {"error": "one line"}.
+
+Security: requests for a Host name the server does not serve, and browser requests from another origin, get 403 before
+any route runs (`SameOriginGuard`); the page's gradio routes accept files from gradio's upload folder only
+(`mount_page`); the API routes take JSON (and /api/edit multipart) only.
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
+from starlette.datastructures import Headers
 
 from .fileio import MAX_IMAGE_SIDE, to_rgb
 
@@ -61,6 +67,7 @@ EXAMPLE_PROMPTS = (
 EXAMPLE_INSTRUCTIONS = ("make the green cross bigger", "change the background to white", "remove the blue star")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # decoders open to uploads (no EPS/PDF: they shell out)
 MAX_SEED = 2**63 - 1
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ class ServerConfig:
     default_guidance: float | None = None  # None: the model's own default
     model_name: str = "model"  # shown on the page and in /health
     ui: bool = True  # mount the gradio web page at /
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names served ("*": any); others get 403 (DNS rebinding)
+    allowed_origins: tuple[str, ...] = ()  # origins besides the server's own whose browser requests are served
     examples: tuple[str, ...] = EXAMPLE_PROMPTS
     edit_examples: tuple[str, ...] = EXAMPLE_INSTRUCTIONS
 
@@ -91,6 +100,8 @@ class ServerConfig:
         if min(sizes) < 1 or self.max_guidance < 0:
             raise ValueError("need positive max_connections, max_image_side, max_prompt_chars, max_steps, max_num_images "
                              "and max_guidance >= 0")
+        if not self.allowed_hosts:
+            raise ValueError("need at least one allowed host name")
 
 
 class ApiError(Exception):
@@ -417,6 +428,19 @@ async def read_body(request: Request, config: ServerConfig) -> bytes:
         raise ApiError(408, f"the request body did not arrive within {config.read_timeout_s:g} s") from None
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower case ("" when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def require_content_type(request: Request, accepted: tuple[str, ...]) -> None:
+    """415 unless the body is one of `accepted`. JSON routes insist on application/json: a browser sends a
+    cross-site text/plain POST without asking first (a "simple" request), but never a JSON one."""
+    if media_type(request) not in accepted:
+        got = request.headers.get("content-type") or "none"
+        raise ApiError(415, f"{request.url.path} takes Content-Type {' or '.join(accepted)}, got {got[:60]}")
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """A JSON object, or 400 saying what is wrong with it."""
     if not body.strip():
@@ -429,6 +453,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise ApiError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ApiError(400, "malformed JSON: nested too deeply") from None
+    except ValueError:  # Python refuses to convert integers of over 4,300 digits (sys.get_int_max_str_digits)
+        raise ApiError(400, "malformed JSON: a number has too many digits") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
     return data
@@ -511,8 +537,7 @@ def add_api_routes(app: FastAPI, pipe: Any, config: ServerConfig, worker: Genera
 
     @app.post("/api/generate")
     async def generate(request: Request) -> Response:
-        if request.headers.get("content-type", "").startswith("multipart/"):
-            raise ApiError(415, "send /api/generate a JSON object (Content-Type: application/json)")
+        require_content_type(request, ("application/json",))
         data = parse_json(await read_body(request, config))
         prompt, params = parse_params(data, "prompt", GENERATE_FIELDS, config, defaults)
         result = await call_model(worker, lambda: encoded(run_generate(pipe, prompt, params)))
@@ -520,8 +545,9 @@ def add_api_routes(app: FastAPI, pipe: Any, config: ServerConfig, worker: Genera
 
     @app.post("/api/edit")
     async def edit(request: Request) -> Response:
+        require_content_type(request, ("application/json", "multipart/form-data"))
         body = await read_body(request, config)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if media_type(request) == "multipart/form-data":
             data, raw = await parse_multipart(request, body, config)
             form = True
         else:
@@ -723,12 +749,71 @@ def create_app(pipe: Any, config: ServerConfig | None = None) -> FastAPI:
     add_api_routes(app, pipe, config, worker)
     if config.ui:
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page must not phone home
-        import gradio as gr
-
-        demo = build_ui(pipe, config, worker)
-        app = gr.mount_gradio_app(app, demo, path="/", max_file_size=config.max_body_bytes, ssr_mode=False, theme=page_theme(),
-                                  css=PAGE_CSS, footer_links=["gradio", "settings"])
+        mount_page(app, build_ui(pipe, config, worker), config)
+    app.add_middleware(SameOriginGuard, allowed_hosts=config.allowed_hosts, allowed_origins=config.allowed_origins)
     return app
+
+
+def mount_page(app: FastAPI, demo: Any, config: ServerConfig) -> None:
+    """Mount the gradio page at / with its file checks on.
+
+    gradio refuses a request's file path outside its upload folder only once `Blocks.has_launched` is set, and only
+    `Blocks.launch()` sets it; a page mounted on our app never launches, so without the line below any file the
+    process can read could be copied into gradio's cache by a crafted call and then downloaded. Run history is off: it
+    keeps past requests and can send them to an outside bucket."""
+    import gradio as gr
+
+    gr.mount_gradio_app(app, demo, path="/", max_file_size=config.max_body_bytes, ssr_mode=False, theme=page_theme(),
+                        css=PAGE_CSS, footer_links=["gradio", "settings"], run_history=False, show_error=False)
+    demo.has_launched = True
+
+
+class SameOriginGuard:
+    """ASGI middleware that refuses, before any route runs (the page's included), requests addressed to a Host name
+    the server does not serve (DNS rebinding: a site whose name resolves to 127.0.0.1) and requests whose Origin is
+    another site (a page elsewhere posting to this server from the user's browser). Requests without an Origin header
+    (curl, scripts) pass: only browsers send it, and they always do on cross-site POSTs.
+
+    Hand-written because starlette's TrustedHostMiddleware checks only the Host and answers in plain text; this
+    server answers every refusal as {"error": ...}."""
+
+    def __init__(self, app: Any, allowed_hosts: tuple[str, ...], allowed_origins: tuple[str, ...] = ()):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
+        self.allowed_origins = {o.lower().rstrip("/") for o in allowed_origins}
+
+    def refusal(self, headers: Any) -> str | None:
+        """Why a request with these headers is refused, or None when it may go on."""
+        host = headers.get("host", "")
+        try:
+            name = urlsplit(f"//{host}").hostname
+        except ValueError:
+            name = None
+        if not host or name is None:
+            return "missing or invalid Host header"
+        if not (self.any_host or name in self.allowed_hosts):
+            return (f"host {name!r} is not served here (allowed: {', '.join(sorted(self.allowed_hosts))}; "
+                    "blip3o serve --allowed-host NAME adds one)")
+        origin = headers.get("origin")
+        if origin is not None:
+            origin = origin.lower().rstrip("/")
+            own = urlsplit(origin).netloc if "://" in origin else None
+            if own != host.lower() and origin not in self.allowed_origins:
+                return (f"cross-origin request from {origin[:80]!r} refused "
+                        "(blip3o serve --allowed-origin ORIGIN lets a site call this server)")
+        return None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] in ("http", "websocket"):
+            reason = self.refusal(Headers(scope=scope))
+            if reason is not None:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+                else:
+                    await error_response(403, reason)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def is_loopback(host: str) -> bool:
@@ -741,6 +826,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def served_host_names(listen: str, extra: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The Host names a server listening on `listen` answers: the loopback names, the address itself unless it is a
+    wildcard (0.0.0.0, ::), and `extra`."""
+    names = [*LOOPBACK_HOSTS, *extra]
+    if listen not in ("0.0.0.0", "::", ""):
+        names.append(listen)
+    return tuple(dict.fromkeys(n.lower().strip("[]") for n in names))
 
 
 def serve(pipe: Any, config: ServerConfig, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info") -> None:

@@ -250,7 +250,7 @@ class PretrainedModuleStage:
         module.save_pretrained(path)
 
     def load_weights(self, path: Path) -> None:
-        self.module.load_state_dict(type(self.module).from_pretrained(path).state_dict())
+        self.module.load_state_dict(type(self.module).from_pretrained(path, use_safetensors=True).state_dict())
 
 
 class ImageTokenizerStage(PretrainedModuleStage):
@@ -286,7 +286,7 @@ class VaeStage(PretrainedModuleStage):
         from .vae import tiny_vae_config
 
         if cfg.init_from:
-            self.module = AutoencoderDC.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
+            self.module = AutoencoderDC.from_pretrained(cfg.init_from, torch_dtype=torch.float32, use_safetensors=True)
         else:
             self.module = AutoencoderDC(**{**tiny_vae_config(), **cfg.parts.get("vae", {})})
         self.calibration_seed, self.canvas = cfg.seed + 20_000, cfg.canvas
@@ -337,8 +337,8 @@ class ModelStage(PretrainedModuleStage):
             model.config = dataclasses.replace(model.config, **cfg.model)
         else:
             tok = PreTrainedTokenizerFast.from_pretrained(cfg.text_tokenizer_dir)
-            image_tokenizer = ImageTokenizer.from_pretrained(cfg.image_tokenizer_dir)
-            vae = AutoencoderDC.from_pretrained(cfg.vae_dir)
+            image_tokenizer = ImageTokenizer.from_pretrained(cfg.image_tokenizer_dir, use_safetensors=True)
+            vae = AutoencoderDC.from_pretrained(cfg.vae_dir, use_safetensors=True)
             configs = tiny_parts_configs(vocab_size=0, codebook_size=image_tokenizer.config.codebook_size)
             for name, override in cfg.parts.items():
                 configs[name].update(override)
