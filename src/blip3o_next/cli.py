@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_data_export)
 
     tr = commands.add_parser(
-        "train", help="run a training stage (image_tokenizer, vae, pretrain, sft, edit_sft, grpo) or a whole recipe from YAML", formatter_class=fmt,
+        "train", help="run a training stage (image_tokenizer, semantic_tokenizer, vae, pretrain, sft, edit_sft, grpo) or a whole recipe from YAML", formatter_class=fmt,
         description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the text-to-image "
         "model from scratch; configs/tiny/rl_recipe.yaml then tunes it with GRPO into the bundled tiny). Each stage resumes from the newest checkpoint in its output folder. Runs under "
         "`accelerate launch` or `torchrun` for several processes. `blip3o train grpo --config configs/tiny/6_grpo.yaml` "

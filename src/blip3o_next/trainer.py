@@ -41,7 +41,7 @@ from .fileio import InputError, write_json
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("image_tokenizer", "vae", "pretrain", "sft", "edit_sft")
+STAGES = ("image_tokenizer", "semantic_tokenizer", "vae", "pretrain", "sft", "edit_sft")
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -277,6 +277,54 @@ class ImageTokenizerStage(PretrainedModuleStage):
         return np.concatenate([tensor_to_images(x), tensor_to_images(module.decode(module.encode(x)))], axis=2)
 
 
+class SemanticTokenizerStage(PretrainedModuleStage):
+    """The semantic tokenizer's encoder: images -> the exact blueprints of their scenes. Half the scenes are the
+    text-to-image stream's, half fully random ones (any size, colored words, up to 5 shapes: what edits and generated
+    images hold); `degrade_probability` of the images are degraded as generated images are."""
+
+    random_scene_probability = 0.5
+    degrade_probability = 0.6
+
+    def __init__(self, cfg: TrainConfig):
+        from .semantic_encoder import SemanticEncoder
+
+        self.module = SemanticEncoder(image_size=cfg.canvas, **cfg.parts.get("semantic_tokenizer", {}))
+
+    def loss(self, model, samples, generators):
+        from .image_tokenizer import images_to_tensor
+        from .semantic_blueprint import encode_scene
+        from .shapeworld.degrade import DEGRADATIONS
+        from .shapeworld.render import render
+        from .shapeworld.sampler import sample_scene
+        from .shapeworld.world import Scene
+
+        images, ids = [], []
+        kinds = [d for name, d in DEGRADATIONS.items() if name != "clean"]
+        for sample, g in zip(samples, generators):
+            rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=g)))
+            scene, image = Scene.from_dict(sample["scene"]), sample["image"]
+            if rng.random() < self.random_scene_probability:
+                scene = sample_scene(rng, scene.canvas)
+                image = render(scene)
+            try:  # about 1 scene in 20,000 has two anchors in one cell (a one-letter word beside a small shape)
+                ids.append(encode_scene(scene, self.module.vocab))
+            except ValueError:
+                continue
+            if rng.random() < self.degrade_probability:
+                image = kinds[int(rng.integers(len(kinds)))].apply(image, rng)
+            images.append(image)
+        device = next(model.parameters()).device
+        out = model(images_to_tensor(np.stack(images)).to(device), torch.tensor(ids, device=device))
+        return out.loss, out.losses
+
+    def preview(self, module, samples):
+        from .semantic_blueprint import preview
+
+        x = _images(samples)
+        ids = module.encode(x.to(next(module.parameters()).device)).cpu()
+        return np.concatenate([np.stack([s["image"] for s in samples]), np.stack([np.asarray(preview(i, module.vocab)) for i in ids])], axis=2)
+
+
 class VaeStage(PretrainedModuleStage):
     """DC-AE trained as a plain autoencoder (DC-AE has no KL term), L1 + MSE."""
 
@@ -412,7 +460,7 @@ class EditStage(ModelStage):
 
 
 def make_stage(cfg: TrainConfig) -> Stage:
-    stages = {"image_tokenizer": ImageTokenizerStage, "vae": VaeStage, "pretrain": ModelStage, "sft": ModelStage, "edit_sft": EditStage}
+    stages = {"image_tokenizer": ImageTokenizerStage, "semantic_tokenizer": SemanticTokenizerStage, "vae": VaeStage, "pretrain": ModelStage, "sft": ModelStage, "edit_sft": EditStage}
     return stages[cfg.stage](cfg)
 
 

@@ -30,10 +30,11 @@ class FieldCounts:
         return {k: self.correct[k] / self.total[k] if self.total[k] else float("nan") for k in FIELDS}
 
 
-def compare(truth: Scene, parsed: Scene, counts: FieldCounts) -> None:
+def compare(truth: Scene, parsed: Scene, counts: FieldCounts) -> dict[int, int]:
     """Score one parse: background, object count and word per image; shape, color, center per true object.
 
     True objects are matched to parsed ones by center distance; an unmatched true object fails all three fields.
+    Returns the matching (true object index -> parsed object index), for callers that score more fields.
     """
     counts.add("background", truth.background == parsed.background)
     counts.add("count", len(truth.objects) == len(parsed.objects))
@@ -48,6 +49,7 @@ def compare(truth: Scene, parsed: Scene, counts: FieldCounts) -> None:
         counts.add("shape", p is not None and p.shape == t.shape)
         counts.add("color", p is not None and p.color == t.color)
         counts.add("center", p is not None and float(np.hypot(t.cx - p.cx, t.cy - p.cy)) <= tol)
+    return matched
 
 
 def verifier_accuracy(

@@ -1,0 +1,165 @@
+"""The learned half of the semantic image tokenizer: pixels -> semantic blueprint (`semantic_blueprint.py`).
+
+The codec turns a known scene into its blueprint exactly; this network reads the blueprint off an image whose scene
+is unknown: an edit's reference image, or a generated image. It is trained on data-engine renders, clean and
+degraded as generated images are, with the exact blueprints of their scenes as labels.
+
+Shape: a small convolutional stem takes the 64 px image down to the blueprint's 8 x 8 cell grid (each cell feature
+sees its neighbours, so an object's extent and exact centre are in view), then a transformer reads one token per
+blueprint position: a background query, the 64 cells, and one query per letter slot (which must look across the
+word's cells). Each position predicts the *factors* of its token (kind, shape, color, size, dx, dy, ink, cap height,
+letter) rather than one of the ~49k ids, so every head is small and each factor is learned from every object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind
+
+CELL_KINDS = (TokenKind.EMPTY, TokenKind.SHAPE, TokenKind.TEXT)  # what a cell may hold, in the kind head's order
+CELL_FACTORS = ("shape", "color", "size", "dx", "dy", "ink", "cap")
+
+
+@dataclass
+class SemanticEncoderOutput:
+    loss: torch.Tensor | None
+    logits: dict[str, torch.Tensor]  # per head: (B, positions, classes)
+    losses: dict[str, float]  # the parts of the loss, for logging
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.GroupNorm(8, channels), nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                   nn.GroupNorm(8, channels), nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class SemanticEncoder(ModelMixin, ConfigMixin):
+    """Image -> semantic blueprint ids.
+
+    Args:
+        image_size: input side in px; must be the blueprint's canvas.
+        grid: blueprint cells per side (the stem halves the resolution log2(image_size / grid) times).
+        channels: stem widths, one per resolution from image_size down to grid.
+        width, layers, attention_heads: the transformer over the blueprint positions.
+        letter_slots, offset_bins: the blueprint's (see `BlueprintConfig`).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        image_size: int = 64,
+        grid: int = 8,
+        channels: tuple[int, ...] = (32, 64, 96, 160),
+        width: int = 160,
+        layers: int = 3,
+        attention_heads: int = 4,
+        letter_slots: int = 4,
+        offset_bins: int = 8,
+    ):
+        super().__init__()
+        self.vocab = SemanticVocab(BlueprintConfig(canvas=image_size, grid=grid, offset_bins=offset_bins, letter_slots=letter_slots))
+        if image_size // grid != 2 ** (len(channels) - 1):
+            raise ValueError(f"{len(channels)} stem widths halve {image_size} px {len(channels) - 1} times, not to a {grid}-cell grid")
+        stem: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1), nn.GELU()]
+        for c_in, c_out in zip(channels, channels[1:]):
+            stem += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), ResBlock(c_out)]
+        stem += [nn.GroupNorm(8, channels[-1]), nn.GELU(), nn.Conv2d(channels[-1], width, 1)]
+        self.stem = nn.Sequential(*stem)
+        n = self.vocab.config.seq_len
+        self.queries = nn.Parameter(torch.randn(1, 1 + letter_slots, width) * 0.02)  # background and letter slots
+        self.position = nn.Parameter(torch.randn(1, n, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, attention_heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        cards = self.vocab.factor_cardinalities()
+        self.readout = nn.ModuleDict({
+            "background": nn.Linear(width, cards["background"]),
+            "kind": nn.Linear(width, len(CELL_KINDS)),
+            **{name: nn.Linear(width, cards[name]) for name in CELL_FACTORS},
+            "letter": nn.Linear(width, cards["letter"] + 1),  # + PAD
+        })
+        table = self.vocab.factor_table()
+        for name in ("kind", *CELL_FACTORS, "background", "letter"):  # id -> factor lookups for the labels (not saved)
+            self.register_buffer(f"table_{name}", torch.from_numpy(np.array(table[name])), persistent=False)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> SemanticEncoderOutput:
+        """images: (B, 3, H, W) in [-1, 1]; ids: (B, N) true blueprints, for the loss."""
+        cells = self.stem(images).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        b, slots = cells.shape[0], self.config.letter_slots
+        queries = self.queries.expand(b, -1, -1)
+        tokens = torch.cat([queries[:, :1], cells, queries[:, 1:]], dim=1) + self.position
+        h = self.norm(self.transformer(tokens))
+        bg, cell, letters = h[:, :1], h[:, 1:-slots], h[:, -slots:]
+        logits = {"background": self.readout["background"](bg), "letter": self.readout["letter"](letters),
+                  **{name: self.readout[name](cell) for name in ("kind", *CELL_FACTORS)}}
+        if ids is None:
+            return SemanticEncoderOutput(None, logits, {})
+        loss, losses = self._loss(logits, ids)
+        return SemanticEncoderOutput(loss, logits, losses)
+
+    def _targets(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per head, the class of every position (-100 where the head does not apply)."""
+        slots = self.config.letter_slots
+        cell_ids, letter_ids = ids[:, 1:-slots], ids[:, -slots:]
+        kind = self.table_kind[cell_ids]
+        kind_class = torch.full_like(kind, -100)
+        for i, k in enumerate(CELL_KINDS):
+            kind_class[kind == k] = i
+        letter = self.table_letter[letter_ids]
+        targets = {"background": self.table_background[ids[:, :1]], "kind": kind_class,
+                   "letter": torch.where(letter >= 0, letter, self.readout["letter"].out_features - 1)}
+        for name in CELL_FACTORS:
+            value = getattr(self, f"table_{name}")[cell_ids]
+            targets[name] = torch.where(value >= 0, value, -100)
+        return targets
+
+    def _loss(self, logits: dict[str, torch.Tensor], ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum of the heads' cross-entropies, each averaged over the positions where it applies."""
+        targets = self._targets(ids)
+        parts = {}
+        for name, target in targets.items():
+            if (target != -100).any():
+                parts[name] = F.cross_entropy(logits[name].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+        loss = sum(parts.values())
+        return loss, {k: v.item() for k, v in parts.items()}
+
+    # ------------------------------------------------------------------ reading
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, N) blueprint ids: every head's most likely class, assembled into ids."""
+        logits = self(images).logits
+        pick = {name: scores.argmax(-1) for name, scores in logits.items()}
+        return self.assemble(pick)
+
+    def assemble(self, pick: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Factor indices per position -> ids (the inverse of the codec's factor table, vectorised)."""
+        v = self.vocab
+        kinds = torch.tensor([int(k) for k in CELL_KINDS], device=pick["kind"].device)[pick["kind"]]
+        shape_id = v.shape_base + _ravel([pick[n] for n in ("shape", "color", "size", "dx", "dy")], v.shape_dims)
+        text_id = v.text_base + _ravel([pick[n] for n in ("ink", "cap", "dx", "dy")], v.text_dims)
+        cells = torch.where(kinds == TokenKind.SHAPE, shape_id, torch.where(kinds == TokenKind.TEXT, text_id, v.empty_id))
+        letter = pick["letter"]
+        letters = torch.where(letter < v.pad_id - v.letter_base, v.letter_base + letter, v.pad_id)
+        return torch.cat([pick["background"], cells, letters], dim=1)
+
+
+def _ravel(index: list[torch.Tensor], dims: tuple[int, ...]) -> torch.Tensor:
+    flat = torch.zeros_like(index[0])
+    for i, d in zip(index, dims):
+        flat = flat * d + i
+    return flat
