@@ -2,7 +2,7 @@
 
     python benchmarks/semantic_renderer_probe.py --minutes 35 --out runs/semantic_renderer_probe   # train, then evaluate
     python benchmarks/semantic_renderer_probe.py --eval-only runs/semantic_renderer_probe           # evaluate a checkpoint
-    python benchmarks/semantic_renderer_probe.py --vae-ceiling                                       # the VAE alone
+    python benchmarks/semantic_renderer_probe.py --vae-ceiling [--vae FOLDER]                        # the VAE alone
 
 It trains the tiny SANA transformer (with the bundled tiny VAE, frozen) on true blueprints of data-engine scenes
 (`semantic_blueprint.encode_scene`), through a stand-in for the AR model: a factorised token embedding (the sum of
@@ -113,8 +113,9 @@ class Renderer(nn.Module):
         return out
 
 
-def load_vae() -> AutoencoderDC:
-    vae = AutoencoderDC.from_pretrained(resolve_model_path("tiny") / "vae", use_safetensors=True, torch_dtype=torch.float32)
+def load_vae(path: str | None = None) -> AutoencoderDC:
+    """A VAE folder, by default the bundled tiny's."""
+    vae = AutoencoderDC.from_pretrained(path or resolve_model_path("tiny") / "vae", use_safetensors=True, torch_dtype=torch.float32)
     return vae.eval().requires_grad_(False)
 
 
@@ -201,14 +202,15 @@ def evaluate(args: argparse.Namespace, folder: Path) -> None:
 
 
 def vae_ceiling(args: argparse.Namespace) -> None:
-    vae = load_vae()
+    vae = load_vae(args.vae)
     prompts, counts = geneval_suite(args.per_category, seed=0)
     jobs = prompt_jobs(counts)
     rng = np.random.default_rng(args.seed)
     images = np.stack([render(sample_scene_for(prompts[i].requirement, rng, 64)) for i in jobs])
     with torch.no_grad():
         rec = [tensor_to_images(decode_latents(vae, encode_latents(vae, images_to_tensor(images[s : s + 64])))) for s in range(0, len(images), 64)]
-    report(args, Path(args.out) / f"geneval_vae_reconstructions_{args.per_category}.json", prompts, jobs, list(np.concatenate(rec)), "VAE reconstructions")
+    name = f"geneval_vae_reconstructions_{args.per_category}" + (f"_{Path(args.vae).parent.name}" if args.vae else "")
+    report(args, Path(args.out) / f"{name}.json", prompts, jobs, list(np.concatenate(rec)), f"VAE reconstructions ({args.vae or 'bundled tiny'})")
 
 
 def report(args, path: Path, prompts, jobs, outputs, what: str) -> None:
@@ -235,6 +237,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-only", metavar="FOLDER", help="evaluate this probe's checkpoint instead of training")
     parser.add_argument("--vae-ceiling", action="store_true", help="score the VAE's reconstructions instead")
+    parser.add_argument("--vae", metavar="FOLDER", help="with --vae-ceiling: this VAE instead of the bundled tiny's")
     args = parser.parse_args()
     if args.vae_ceiling:
         vae_ceiling(args)
