@@ -42,7 +42,7 @@ from blip3o_next.fileio import save_png
 from blip3o_next.image_tokenizer import images_to_tensor, tensor_to_images
 from blip3o_next.modeling import tiny_parts_configs
 from blip3o_next.pipeline import resolve_model_path
-from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, FACTOR_NAMES, decode_tokens, encode_scene
+from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, FACTOR_NAMES, anchor_of, decode_tokens, encode_scene
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene_for
@@ -104,7 +104,7 @@ class Renderer(nn.Module):
             scene = decode_tokens(row)
             boxes = [(o, o.size / 2, o.size / 2) for o in scene.objects] + ([(scene.text, scene.text.width / 2, scene.text.height / 2)] if scene.text else [])
             for obj, hw, hh in boxes:
-                cell = int(obj.cy // 8) * GRID + int(obj.cx // 8)
+                cell = anchor_of(obj.cx, obj.cy, DEFAULT_VOCAB.config)[0]
                 rx, ry = (centres - obj.cx) / max(hw, 1.0), (centres - obj.cy) / max(hh, 1.0)
                 inside = ((rx.abs() <= 1 + step / max(hw, 1.0))[None, :] & (ry.abs() <= 1 + step / max(hh, 1.0))[:, None]).to(cells.dtype)
                 out[i, :-2] += proj[i, cell][:, None, None] * inside

@@ -25,7 +25,7 @@ from blip3o_next.shapeworld.degrade import DEGRADATIONS
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene
 from blip3o_next.shapeworld.world import Scene, scale
-from blip3o_next.verifier.accuracy import FieldCounts, compare
+from blip3o_next.verifier.accuracy import CENTER_TOLERANCE, FieldCounts, compare
 
 SIZE_TOLERANCE = 1.0  # px at S = 64
 
@@ -46,7 +46,7 @@ def encodable_scenes(n: int, canvas: int, seed: int) -> list[Scene]:
 def score(truth: list[Scene], read: list[Scene]) -> dict[str, float]:
     counts = FieldCounts()
     size_ok, object_ok, objects = 0, 0, 0
-    tol, size_tol = 1.5 * scale(truth[0].canvas), SIZE_TOLERANCE * scale(truth[0].canvas)
+    tol, size_tol = CENTER_TOLERANCE * scale(truth[0].canvas), SIZE_TOLERANCE * scale(truth[0].canvas)
     for t, r in zip(truth, read):
         matched = compare(t, r, counts)
         for i, o in enumerate(t.objects):

@@ -159,13 +159,18 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}_{i:03d}{suffix}") for i in range(count)]
 
 
+def _blueprint_path(image_path: Path) -> Path:
+    """Where --show-blueprint writes the preview of the image at `image_path`."""
+    return image_path.with_name(f"{image_path.stem}_blueprint.png")
+
+
 def _check_outputs(args: argparse.Namespace, count: int) -> None:
     """Fail before any work if an output cannot be written: its folder is not writable, or the path is a folder."""
     output = Path(args.output)
     check_writable_dir(output.parent if str(output.parent) else Path("."))
     paths = _output_paths(output, count)
     if args.show_blueprint:
-        paths += [path.with_name(f"{path.stem}_blueprint.png") for path in paths]
+        paths += [_blueprint_path(path) for path in paths]
     if args.grid:
         check_writable_dir(Path(args.grid).parent)
         paths.append(Path(args.grid))
@@ -183,7 +188,7 @@ def _write_outputs(args: argparse.Namespace, labels: list[str], out, grid_cells:
         save_png(path, image)
         written.append(path)
         if args.show_blueprint:
-            save_png(path.with_name(f"{path.stem}_blueprint.png"), preview)
+            save_png(_blueprint_path(path), preview)
     if args.grid:
         save_png(args.grid, image_grid(grid_cells, labels, tile=128, columns=4))
     where = str(written[0]) if len(written) == 1 else f"{written[0]} ... {written[-1]} ({len(written)} images)"

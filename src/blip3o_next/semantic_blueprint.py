@@ -196,7 +196,8 @@ class TokenFactors(NamedTuple):
 FACTOR_NAMES: tuple[str, ...] = TokenFactors._fields
 
 
-def _ravel(index: Sequence[int], dims: Sequence[int]) -> int:
+def ravel(index: Sequence, dims: Sequence[int]):
+    """Row-major flat index of `index` in a grid of `dims`; works on ints and, elementwise, on tensors or arrays."""
     flat = 0
     for i, d in zip(index, dims):
         flat = flat * d + i
@@ -349,9 +350,9 @@ class SemanticVocab:
         if kind is TokenKind.EMPTY:
             return self.empty_id
         if kind is TokenKind.SHAPE:
-            return self.shape_base + _ravel([f.shape, f.color, f.size, f.dx, f.dy], self.shape_dims)
+            return self.shape_base + ravel([f.shape, f.color, f.size, f.dx, f.dy], self.shape_dims)
         if kind is TokenKind.TEXT:
-            return self.text_base + _ravel([f.ink, f.cap, f.dx, f.dy], self.text_dims)
+            return self.text_base + ravel([f.ink, f.cap, f.dx, f.dy], self.text_dims)
         if kind is TokenKind.LETTER:
             return self.letter_base + f.letter
         return self.pad_id

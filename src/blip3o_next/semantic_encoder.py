@@ -22,7 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind
+from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind, ravel
 
 CELL_KINDS = (TokenKind.EMPTY, TokenKind.SHAPE, TokenKind.TEXT)  # what a cell may hold, in the kind head's order
 CELL_FACTORS = ("shape", "color", "size", "dx", "dy", "ink", "cap")
@@ -150,16 +150,10 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
         """Factor indices per position -> ids (the inverse of the codec's factor table, vectorised)."""
         v = self.vocab
         kinds = torch.tensor([int(k) for k in CELL_KINDS], device=pick["kind"].device)[pick["kind"]]
-        shape_id = v.shape_base + _ravel([pick[n] for n in ("shape", "color", "size", "dx", "dy")], v.shape_dims)
-        text_id = v.text_base + _ravel([pick[n] for n in ("ink", "cap", "dx", "dy")], v.text_dims)
+        shape_id = v.shape_base + ravel([pick[n] for n in ("shape", "color", "size", "dx", "dy")], v.shape_dims)
+        text_id = v.text_base + ravel([pick[n] for n in ("ink", "cap", "dx", "dy")], v.text_dims)
         cells = torch.where(kinds == TokenKind.SHAPE, shape_id, torch.where(kinds == TokenKind.TEXT, text_id, v.empty_id))
         letter = pick["letter"]
         letters = torch.where(letter < v.pad_id - v.letter_base, v.letter_base + letter, v.pad_id)
         return torch.cat([pick["background"], cells, letters], dim=1)
 
-
-def _ravel(index: list[torch.Tensor], dims: tuple[int, ...]) -> torch.Tensor:
-    flat = torch.zeros_like(index[0])
-    for i, d in zip(index, dims):
-        flat = flat * d + i
-    return flat
