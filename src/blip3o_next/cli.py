@@ -206,6 +206,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .modeling import CheckpointError
+    from .released_checkpoint import convert_released
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise InputError(f"{args.out}: exists and is not empty; choose another OUT or pass --overwrite")
+    try:
+        model = convert_released(args.path, args.out, ta_tok=args.ta_tok, siglip=args.siglip, diffusion=args.diffusion,
+                                 torch_dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in model.named_children()}
+    print(f"wrote {args.out}: " + ", ".join(f"{name} {n / 1e6:.1f}M" for name, n in counts.items()))
+    return 0
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from .fileio import load_image
 
@@ -549,6 +567,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(edit_cmd, default_model="tiny-edit")
     _add_preserve_arg(edit_cmd)
     edit_cmd.set_defaults(func=cmd_edit)
+
+    conv = commands.add_parser(
+        "convert", help="convert an official BLIP3o-NEXT release folder to this project's checkpoint layout", formatter_class=fmt,
+        description="Read a folder in the official BLIP3o-NEXT release layout (config.json, model.safetensors[.index.json], "
+        "tokenizer) and write it as this project's checkpoint: one folder per part, safetensors + JSON only. Every tensor "
+        "is mapped and its shape checked before any weight is read; a missing, unexpected or misshapen tensor stops the "
+        "conversion with the file and key named. Nothing is downloaded: the TA-Tok file and the SigLIP2 and SANA 1.5 "
+        "folders (configs only) must be local. Example: blip3o convert BLIP3o-NEXT-SFT-3B next-sft --ta-tok ta_tok.pth "
+        "--siglip siglip2-so400m-patch14-384 --diffusion SANA1.5_1.6B_1024px_diffusers",
+    )
+    conv.add_argument("path", type=Path, metavar="PATH", help="the released model folder")
+    conv.add_argument("out", type=Path, metavar="OUT", help="output folder (this project's layout)")
+    conv.add_argument("--ta-tok", required=True, metavar="FILE",
+                      help="TA-Tok weights: the official ta_tok.pth (read with torch.load(weights_only=True)) or a .safetensors file "
+                           "with its args as JSON metadata; the release's own copy of the tokenizer, when it has one, takes precedence")
+    conv.add_argument("--siglip", metavar="FOLDER", help="local SigLIP2 so400m-patch14-384 folder, config.json only (default: ta_tok.pth's teacher when it is a local folder)")
+    conv.add_argument("--diffusion", metavar="FOLDER",
+                      help="local SANA 1.5 diffusers folder whose transformer/, vae/ and scheduler/ configs are read "
+                           "(default: config.json's diffusion_name_or_path when it is a local folder)")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the weights (default: as stored)")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    conv.set_defaults(func=cmd_convert)
 
     srv = commands.add_parser(
         "serve", help="serve the web demo and the HTTP JSON API (default: the bundled tiny-edit model on 127.0.0.1:7860)",

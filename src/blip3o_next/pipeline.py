@@ -28,8 +28,9 @@ from PIL import Image
 from .autoregressive import SamplingConfig, forced_blueprint, prompt_ids, sample_blueprint
 from .diffusion import sample_latents
 from .fileio import to_rgb
-from .image_tokenizer import images_to_tensor, tensor_to_images
+from .image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
 from .modeling import Blip3oNext
+from .released_checkpoint import PROMPT_TEMPLATE, is_released_layout, load_released, released_prompt
 from .vae import decode_latents, encode_latents
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 class PipelineOutput:
     images: list[Image.Image]
     blueprints: torch.Tensor  # (B, n) image-codebook indices written by the AR model
-    blueprint_previews: list[Image.Image]  # the image tokenizer's decoding of the blueprint
+    blueprint_previews: list[Image.Image]  # the image tokenizer's decoding of the blueprint (empty for TA-Tok: no pixel decoder)
 
 
 @dataclass
@@ -84,10 +85,19 @@ class Pipeline:
         torch_dtype: torch.dtype = torch.float32,
         compile_transformer: bool = False,
         compile_ar: bool = False,
+        ta_tok: str | os.PathLike | None = None,
+        siglip: str | os.PathLike | None = None,
+        diffusion: str | os.PathLike | None = None,
     ) -> "Pipeline":
         """Load a checkpoint folder or a bundled model by name; weights are cast to `torch_dtype`
-        (the bundled ones are stored in float16 and run in float32 by default)."""
-        model = Blip3oNext.from_pretrained(resolve_model_path(path), torch_dtype=torch_dtype)
+        (the bundled ones are stored in float16 and run in float32 by default). A folder in the official BLIP3o-NEXT
+        release layout is read by `released_checkpoint.load_released`, which also needs the local `ta_tok` file,
+        `siglip` and `diffusion` (SANA 1.5) folders it names."""
+        folder = resolve_model_path(path)
+        if is_released_layout(folder):
+            model = load_released(folder, ta_tok=ta_tok, siglip=siglip, diffusion=diffusion, torch_dtype=torch_dtype)
+        else:
+            model = Blip3oNext.from_pretrained(folder, torch_dtype=torch_dtype)
         return cls(model, device, compile_transformer=compile_transformer, compile_ar=compile_ar)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -128,6 +138,10 @@ class Pipeline:
         image's tokens. Text longer than the context allows keeps its first tokens (with a warning)."""
         tok = self.model.tokenizer
         limit = self.max_prompt_tokens - (self.model.span_length + 2 if reference_codes is not None else 0)
+        if self.model.config.extra.get("prompt_template") == PROMPT_TEMPLATE:  # a model converted from the official release
+            if reference_codes is not None:
+                raise ValueError("edits with the released models' prompt layout are not wired yet (see released_checkpoint.py)")
+            prompts = [released_prompt(tok, p) for p in prompts]
         rows = []
         for i, p in enumerate(prompts):
             ids, truncated = prompt_ids(tok, self.model.image_vocab, p, limit, None if reference_codes is None else reference_codes[i])
@@ -322,7 +336,8 @@ class Pipeline:
             keep = unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, tuple(decoded.shape[-2:]))
             decoded = torch.lerp(decoded, reference_pixels.to(decoded.dtype), keep.to(decoded.dtype))
         images = tensor_to_images(decoded)
-        previews = tensor_to_images(model.image_tokenizer.decode(bp.codes))
+        # Only this project's tokenizer draws its codes; TA-Tok's decoder rebuilds SigLIP features, not pixels.
+        previews = tensor_to_images(model.image_tokenizer.decode(bp.codes)) if isinstance(model.image_tokenizer, ImageTokenizer) else []
         return PipelineOutput(
             images=[Image.fromarray(a) for a in images],
             blueprints=bp.codes.cpu(),
