@@ -18,9 +18,9 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
-def small_configs(vocab_size: int) -> dict:
-    """A much smaller tiny preset: every part at toy width, for fast tests."""
-    cfg = tiny_parts_configs(vocab_size, codebook_size=32)
+def small_configs(vocab_size: int, semantic: bool = False) -> dict:
+    """A much smaller tiny preset: every part at toy width, for fast tests (`semantic`: with a semantic blueprint)."""
+    cfg = tiny_parts_configs(vocab_size, codebook_size=32, semantic=semantic)
     cfg["image_tokenizer"].update(channels=(16, 16), code_dim=8)
     cfg["ar"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     cfg["connector"].update(hidden_size=32, width=24)

@@ -73,7 +73,7 @@ def test_prompt_conditioning_ablation_ignores_the_blueprint(model_and_batch):
 
     model = copy.deepcopy(model_and_batch[0])
     model.config = dataclasses.replace(model.config, condition_source="prompt")
-    with pytest.raises(ValueError, match="spatial path needs the blueprint"):
+    with pytest.raises(ValueError, match="spatial maps need the blueprint"):
         model._check_parts()
     model.connector = Connector.from_config({**model.connector.config, "spatial_channels": 0})
     model.transformer = SanaTransformer2DModel.from_config({**model.transformer.config, "in_channels": model.vae.config.latent_channels})

@@ -13,10 +13,10 @@ from torch import nn
 from transformers import AutoModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Siglip2VisionConfig, Siglip2VisionModel, SiglipConfig
 
 from blip3o_next.cli import main
-from blip3o_next.connector import Connector
-from blip3o_next.modeling import CheckpointError
+from blip3o_next.modeling import Blip3oNext, CheckpointError
 from blip3o_next.pipeline import Pipeline
-from blip3o_next.released_checkpoint import TATok, load_released, released_prompt
+from blip3o_next.released_checkpoint import load_released, released_prompt
+from blip3o_next.ta_tok import TATok
 from blip3o_next.text_tokenizer import train_text_tokenizer
 from blip3o_next.vae import tiny_vae_config
 
@@ -170,14 +170,11 @@ def test_convert_round_trip(release, tmp_path):
     assert main([str(a) for a in args]) == 0
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     model = load_released(release["release"], **sources(release))
-    reloaded = {
-        "ar": Qwen3ForCausalLM.from_pretrained(out / "ar"), "connector": Connector.from_pretrained(out / "connector"),
-        "transformer": SanaTransformer2DModel.from_pretrained(out / "transformer"), "vae": AutoencoderDC.from_pretrained(out / "vae"),
-        "image_tokenizer": TATok.from_pretrained(out / "image_tokenizer"),
-    }
-    for name, part in reloaded.items():
+    reloaded = Blip3oNext.from_pretrained(out)
+    assert isinstance(reloaded.image_tokenizer, TATok)
+    for name in ("ar", "connector", "transformer", "vae", "image_tokenizer"):
         want = getattr(model, name).state_dict()
-        assert all(torch.equal(v, want[k]) for k, v in part.state_dict().items()), name
+        assert all(torch.equal(v, want[k]) for k, v in getattr(reloaded, name).state_dict().items()), name
     assert json.loads((out / "blip3o_config.json").read_text())["extra"]["prompt_template"] == "blip3o-next"
 
 

@@ -403,3 +403,18 @@ def test_encode_rejects_what_it_cannot_write(scene, message):
 
 def test_background_names_follow_the_world():
     assert BACKGROUND_NAMES == tuple(BACKGROUNDS)
+
+
+def test_object_boxes_name_each_drawing_token_and_its_box():
+    from blip3o_next.semantic_blueprint import object_boxes
+
+    word = make_text("HIMW", 32.5, 44.5, 12, "blue")
+    scene = Scene(64, "white", (ShapeObject("star", "red", 12.5, 12.5, 12),), word)
+    boxes = object_boxes(encode_scene(scene))
+    c = DEFAULT_VOCAB.config
+    assert boxes[:, 0].tolist() == [c.cell_positions[9], c.cell_positions[44], *c.letter_positions]
+    assert boxes[0, 1:].tolist() == [12.5, 12.5, 6.0, 6.0]
+    letters = boxes[2:]
+    left, right = letters[:, 1] - letters[:, 3], letters[:, 1] + letters[:, 3]
+    assert np.all(np.diff(letters[:, 1]) > 0) and np.all(right[:-1] <= left[1:])  # left to right, no overlap
+    assert left[0] == word.cx - word.width / 2 and right[-1] == word.cx + word.width / 2  # the ink box's ends

@@ -18,6 +18,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, StaticCache
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .semantic_embedding import SemanticEmbedding, input_embeddings
 from .text_tokenizer import ImageVocab
 
 
@@ -67,14 +68,26 @@ def image_span_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, voc
     return torch.cat([input_ids, prefix], 1), torch.cat([attention_mask, torch.ones_like(prefix)], 1)
 
 
-def forced_blueprint(model: Qwen3ForCausalLM, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor) -> Blueprint:
+def ar_hidden_states(
+    model: Qwen3ForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: ImageVocab, embedding: SemanticEmbedding | None = None
+) -> torch.Tensor:
+    """Last-layer hidden states of a whole (padded) sequence; image tokens embedded by `embedding` when the
+    blueprint is semantic (the AR model's own table then holds the text rows only)."""
+    inputs = {"input_ids": input_ids} if embedding is None else {"inputs_embeds": input_embeddings(model, embedding, input_ids, vocab)}
+    return model.model(**inputs, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+
+
+def forced_blueprint(
+    model: Qwen3ForCausalLM, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor,
+    embedding: SemanticEmbedding | None = None,
+) -> Blueprint:
     """The `Blueprint` that `sample_blueprint` returns when it draws `codes` (B, n) after left-padded prompts, in
     one teacher-forced pass: for a blueprint that is given instead of sampled (RL log-probs, the true-blueprint
     ceiling, `Pipeline(..., blueprints=)`)."""
     ids, mask = image_span_prefix(input_ids, attention_mask, vocab)
     ids = torch.cat([ids, codes + vocab.image_offset], 1)
     mask = torch.cat([mask, torch.ones_like(codes)], 1)
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
+    hidden = ar_hidden_states(model, ids, mask, vocab, embedding)
     return Blueprint(codes=codes, hidden_states=hidden[:, -(codes.shape[1] + 1) :], prompt_hidden_states=hidden[:, : input_ids.shape[1]])
 
 
@@ -101,6 +114,7 @@ def sample_blueprint(
     sampling: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
     decoder: Callable[..., BaseModelOutputWithPast] | None = None,
+    embedding: SemanticEmbedding | None = None,
 ) -> Blueprint:
     """Sample `num_tokens` image tokens after left-padded prompts, keeping the last-layer hidden states.
 
@@ -108,8 +122,13 @@ def sample_blueprint(
     restricted to the image codebook; every random draw uses `generator`. The KV cache, the attention mask and
     the token buffer are allocated once, so every step has the same shapes; `decoder` (default `model.model`)
     runs those steps, e.g. a `torch.compile`d `model.model` (see `Pipeline(compile_ar=True)`).
+
+    A semantic blueprint (`embedding` given) reads image tokens through the embedding's rows and draws them from
+    its log-probabilities (`SemanticEmbedding.full_log_probs`), among the ids `SemanticEmbedding.allowed` leaves
+    after the tokens written so far (the position's kind of token; shapes inside the canvas and apart).
     """
     decoder = model.model if decoder is None else decoder
+    image_rows = None if embedding is None else embedding.table().to(model.dtype)  # once per call, read at every step
     ids, mask = image_span_prefix(input_ids, attention_mask, vocab)
     batch, prefix = ids.shape
     length = cache_length(prefix + num_tokens)
@@ -124,10 +143,16 @@ def sample_blueprint(
     prompt_hidden = out.last_hidden_state[:, : input_ids.shape[1]]
     next_pos = positions[:, -1:] + 1
     for step in range(num_tokens):
-        logits = model.lm_head(hidden[-1][:, -1])[:, vocab.image_offset : vocab.vocab_end]
         at = prefix + step
-        tokens[:, at] = _sample(logits, tokens[:, :at], sampling, generator) + vocab.image_offset
-        out = decoder(input_ids=tokens[:, at : at + 1], attention_mask=full_mask, position_ids=next_pos, past_key_values=cache,
+        if embedding is None:
+            logits = model.lm_head(hidden[-1][:, -1])[:, vocab.image_offset : vocab.vocab_end]
+        else:
+            allowed = embedding.allowed(tokens[:, prefix:at] - vocab.image_offset)
+            logits = embedding.full_log_probs(hidden[-1][:, -1], step).masked_fill(~allowed, -torch.inf)
+        codes = _sample(logits, tokens[:, :at], sampling, generator)
+        tokens[:, at] = codes + vocab.image_offset
+        step_input = {"input_ids": tokens[:, at : at + 1]} if embedding is None else {"inputs_embeds": image_rows[codes][:, None]}
+        out = decoder(**step_input, attention_mask=full_mask, position_ids=next_pos, past_key_values=cache,
                       use_cache=True, cache_position=torch.tensor([at], device=ids.device))
         hidden.append(out.last_hidden_state.clone())  # a compiled decoder may reuse its output buffer
         next_pos = next_pos + 1

@@ -286,7 +286,7 @@ def cmd_eval_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_geneval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_t2i, format_t2i_table, generate_t2i_items, geneval_suite, t2i_grid
+    from .evaluation import evaluate_t2i, format_t2i_table, generate_t2i_items, geneval_suite, plan_summary, t2i_grid
 
     _check_report_paths(args)
     pipe = _load_pipeline(args)
@@ -297,6 +297,11 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     names = ("model", "decode", "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "top_k", "top_p",
              "dtype", "compile")
     summary["settings"] = {k: getattr(args, k) for k in names}
+    if pipe.model.semantic:
+        summary["plan"] = plan_summary(items)
+        print("plan score (the blueprints decoded to scenes and checked against their prompts; no diffusion):")
+        print(format_t2i_table(summary["plan"]))
+        print("images:")
     print(format_t2i_table(summary))
     _write_reports(args, summary, rows, t2i_grid(items, rows))
     return 0

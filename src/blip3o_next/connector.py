@@ -13,6 +13,12 @@ map on the token grid, resized to the latent grid, that the diffusion transforme
 Cross-attention alone had to discover the token-cell -> latent-cell alignment, and within the CPU training
 budget it did not (teacher-forced blueprints rendered the right colors in the wrong places); the map gives
 that alignment by construction. The official model has no such path.
+
+Optionally (`footprint_channels` > 0; a semantic blueprint) the state of each token that draws something (a shape
+or text anchor, a letter) is also painted over the latent cells of the box it draws in (decoded from the tokens:
+`semantic_blueprint.object_boxes`), with each cell's offset from the box centre in half-sides. A semantic blueprint
+names an object at one cell and a letter in a slot; the transformer then need not learn through attention how far an
+object reaches, where its edges and corners are, or where each glyph goes.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ RMSNORM_INIT = math.sqrt(5.5)
 class Connector(ModelMixin, ConfigMixin):
     """Args: hidden_size (AR hidden width), width (D, the diffusion transformer's caption_channels), eps,
     num_positions (learned span-position embeddings; 0 = none, as in the official model), spatial_channels
-    (channels of the spatial map; 0 = none, as in the official model)."""
+    (channels of the spatial map; 0 = none, as in the official model), footprint_channels (channels of the
+    object-footprint map, which adds 2 more for the offsets; 0 = none)."""
 
     @register_to_config
-    def __init__(self, hidden_size: int, width: int, eps: float = 1e-6, num_positions: int = 0, spatial_channels: int = 0):
+    def __init__(self, hidden_size: int, width: int, eps: float = 1e-6, num_positions: int = 0, spatial_channels: int = 0, footprint_channels: int = 0):
         super().__init__()
         self.spatial_proj = nn.Linear(hidden_size, spatial_channels) if spatial_channels else None
+        self.footprint_proj = nn.Linear(hidden_size, footprint_channels) if footprint_channels else None
         self.position_embedding = nn.Embedding(num_positions, hidden_size) if num_positions else None
         if self.position_embedding is not None:
             nn.init.normal_(self.position_embedding.weight, std=0.02)
@@ -64,3 +72,28 @@ class Connector(ModelMixin, ConfigMixin):
             raise ValueError(f"{n} image tokens do not form a square grid")
         x = self.spatial_proj(image_hidden_states).transpose(1, 2).reshape(b, -1, grid, grid)
         return F.interpolate(x, size=(side, side), mode="nearest")
+
+    @property
+    def map_channels(self) -> int:
+        """Input channels the spatial and footprint maps add to the diffusion transformer's."""
+        return self.config.spatial_channels + (self.config.footprint_channels + 2 if self.config.footprint_channels else 0)
+
+    def footprint_map(self, token_states: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, side: int, canvas: int) -> torch.Tensor:
+        """(B, footprint_channels + 2, side, side): over each box, its token's state projected, plus the latent
+        cell's (x, y) offset from the box centre divided by the half side (summed where boxes overlap).
+
+        token_states (B, N, hidden) of the blueprint's tokens; boxes (B, K, 5) = (token position, cx, cy, half
+        width, half height) in px of a `canvas` px image; valid (B, K) marks real boxes."""
+        if self.footprint_proj is None:
+            raise ValueError("this connector has no footprint path (footprint_channels = 0)")
+        token, centre, half = boxes[..., 0].long(), boxes[..., 1:3], boxes[..., 3:5].clamp(min=1.0)
+        states = self.footprint_proj(token_states).gather(1, token[..., None].expand(-1, -1, self.config.footprint_channels))
+        step = canvas / side
+        grid = (torch.arange(side, device=boxes.device, dtype=boxes.dtype) + 0.5) * step
+        rel = (grid - centre[..., None]) / half[..., None]  # (B, K, 2, side): x then y
+        inside = (rel.abs() <= 1 + step / half[..., None]).to(states.dtype)  # a cell's reach: one cell beyond the box
+        inside = inside[:, :, 1, :, None] * inside[:, :, 0, None, :] * valid[..., None, None].to(states.dtype)  # (B, K, y, x)
+        painted = torch.einsum("bkc,bkyx->bcyx", states, inside)
+        rel_x = (rel[:, :, 0, None, :].to(states.dtype) * inside).sum(1)
+        rel_y = (rel[:, :, 1, :, None].to(states.dtype) * inside).sum(1)
+        return torch.cat([painted, rel_x[:, None], rel_y[:, None]], dim=1)

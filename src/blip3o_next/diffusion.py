@@ -1,8 +1,9 @@
 """The diffusion side: diffusers' SanaTransformer2DModel on VAE latents, trained by flow matching and sampled
 with FlowMatchEulerDiscreteScheduler under classifier-free guidance.
 
-Flow matching (as in SANA / BLIP3o-NEXT): x_t = (1 - sigma) x0 + sigma * noise with sigma ~ U(0, 1); the
-network predicts the velocity noise - x0 at timestep sigma * num_train_timesteps. The unconditional branch of
+Flow matching (as in SANA / BLIP3o-NEXT): x_t = (1 - sigma) x0 + sigma * noise with sigma ~ U(0, 1) or, as in SD3
+and SANA's training, sigma = sigmoid(N(0, 1)) ("logit_normal": most draws at mid noise, where layout and shape are
+decided); the network predicts the velocity noise - x0 at timestep sigma * num_train_timesteps. The unconditional branch of
 CFG is the all-zero condition (the connector's output zeroed), which training shows with probability
 `condition_dropout`, so that training and sampling see the same unconditional input.
 """
@@ -18,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 Generators = torch.Generator | list[torch.Generator] | None  # a list gives each sample its own stream
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
 @dataclass
@@ -79,6 +81,19 @@ def uniform(n: int, generator: Generators, device: torch.device, dtype: torch.dt
     return torch.rand(n, generator=generator).to(device, dtype)
 
 
+def training_sigmas(n: int, generator: Generators, device: torch.device, dtype: torch.dtype, sampling: str = "uniform") -> torch.Tensor:
+    """n noise levels in (0, 1) drawn as `sampling` says (see the module docstring), per-sample generators as `uniform`."""
+    if sampling == "uniform":
+        return uniform(n, generator, device, dtype)
+    if sampling != "logit_normal":
+        raise ValueError(f"timestep sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {sampling!r}")
+    if isinstance(generator, list):
+        normal = torch.cat([torch.randn(1, generator=g) for g in generator])
+    else:
+        normal = torch.randn(n, generator=generator)
+    return torch.sigmoid(normal).to(device, dtype)
+
+
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - sigma) x0 + sigma * noise, sigma per sample."""
     s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
@@ -113,9 +128,10 @@ def flow_matching_loss(
     condition: Condition,
     num_train_timesteps: int = 1000,
     generator: Generators = None,
+    timestep_sampling: str = "uniform",
 ) -> torch.Tensor:
-    """MSE between the predicted and true velocity at uniformly drawn noise levels."""
-    sigmas = uniform(latents.shape[0], generator, latents.device, latents.dtype)
+    """MSE between the predicted and true velocity at noise levels drawn by `timestep_sampling`."""
+    sigmas = training_sigmas(latents.shape[0], generator, latents.device, latents.dtype, timestep_sampling)
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     pred = predict_velocity(transformer, noisy_latents(latents, noise, sigmas), condition, sigmas * num_train_timesteps)
     return F.mse_loss(pred.float(), (noise - latents).float())

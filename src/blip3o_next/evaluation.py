@@ -43,6 +43,7 @@ class T2IItem:
     requirement: Requirement
     images: list[np.ndarray]
     paths: list[Path]
+    blueprints: list[np.ndarray] | None = None  # the AR model's blueprint of each image, when generated here
 
 
 @dataclass
@@ -134,7 +135,7 @@ def generate_t2i_items(
         generate_kwargs["num_inference_steps"] = 1
     jobs = prompt_jobs(images_per_prompt)
     out = pipe.generate_in_batches([prompts[i].text for i in jobs], batch_size, seed, progress, **generate_kwargs)
-    return t2i_items(prompts, jobs, out.blueprint_previews if blueprint_only else out.images)
+    return t2i_items(prompts, jobs, out.blueprint_previews if blueprint_only else out.images, out.blueprints.numpy())
 
 
 def prompt_jobs(images_per_prompt: Sequence[int]) -> list[int]:
@@ -142,15 +143,29 @@ def prompt_jobs(images_per_prompt: Sequence[int]) -> list[int]:
     return [i for i, n in enumerate(images_per_prompt) for _ in range(n)]
 
 
-def t2i_items(prompts: Sequence, jobs: Sequence[int], images: Sequence) -> list[T2IItem]:
-    """Group generated images (one per job, PIL or arrays) by their canonical prompt, ready to score."""
+def t2i_items(prompts: Sequence, jobs: Sequence[int], images: Sequence, blueprints: Sequence | None = None) -> list[T2IItem]:
+    """Group generated images (one per job, PIL or arrays), and their blueprints if given, by their canonical
+    prompt, ready to score."""
     grouped: dict[int, list[np.ndarray]] = {i: [] for i in range(len(prompts))}
-    for i, image in zip(jobs, images):
+    plans: dict[int, list[np.ndarray]] = {i: [] for i in range(len(prompts))}
+    for k, (i, image) in enumerate(zip(jobs, images)):
         grouped[i].append(np.asarray(image))
+        if blueprints is not None:
+            plans[i].append(np.asarray(blueprints[k]))
     return [
-        T2IItem(f"{i:04d}_{p.category}", p.text, p.category, p.requirement, grouped[i], [Path(f"{i:04d}_{p.category}_{j}.png") for j in range(len(grouped[i]))])
+        T2IItem(f"{i:04d}_{p.category}", p.text, p.category, p.requirement, grouped[i], [Path(f"{i:04d}_{p.category}_{j}.png") for j in range(len(grouped[i]))],
+                plans[i] if blueprints is not None else None)
         for i, p in enumerate(prompts)
     ]
+
+
+def plan_summary(items: Sequence[T2IItem]) -> dict:
+    """The plan score of the items' semantic blueprints: each decoded to its scene and checked against the prompt
+    (`semantic_blueprint.plan_score`; no diffusion, no verifier). Summarised as `evaluate_t2i`'s images are."""
+    from .semantic_blueprint import plan_score
+
+    pairs = [(item.category, plan_score(plan, item.requirement)) for item in items for plan in item.blueprints or []]
+    return summarize_t2i([c for c, _ in pairs], [r for _, r in pairs])
 
 
 def generate_edit_items(pipe, pairs: Sequence, seed: int = 0, batch_size: int = 16, progress: bool = True, **edit_kwargs) -> list[EditItem]:

@@ -406,6 +406,8 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     task = make_task(cfg)
     if task.edits and not model.config.editing:
         raise InputError(f"task edit needs a model trained to edit (edit SFT); {cfg.init_from} is not")
+    if model.semantic:  # token_logprobs reads VQ codes through the AR model's own LM head
+        raise InputError(f"{cfg.init_from} writes semantic blueprints; GRPO trains VQ-blueprint models only so far")
     model.requires_grad_(False).eval()  # eval: no dropout, so the sampler and the loss see the same policy
     policy = model.ar_for(task.edits).requires_grad_(True)
     pipe = Pipeline(model, cfg.device, compile_transformer=cfg.compile_transformer)  # moves the model to the device

@@ -100,7 +100,23 @@ class ImageTokenizerOutput:
     losses: dict[str, float]  # the parts of the loss, for logging
 
 
-class ImageTokenizer(ModelMixin, ConfigMixin):
+class GridCodes:
+    """What the model reads from a tokenizer whose codes fill a square `grid` from one codebook (this project's VQ
+    tokenizer, TA-Tok): the number of tokens per image and the codebook's size."""
+
+    grid: int
+    config: dict
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+
+class ImageTokenizer(GridCodes, ModelMixin, ConfigMixin):
     """VQ image tokenizer with a semantic auxiliary head and a preview decoder.
 
     Args:
@@ -160,10 +176,6 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
     @property
     def grid(self) -> int:
         return token_grid(self.config.image_size, self.config.patch_size, self.config.channels)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid**2
 
     def _quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if images.shape[-1] != self.config.image_size or images.shape[-2] != self.config.image_size:

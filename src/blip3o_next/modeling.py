@@ -18,22 +18,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
 from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from .autoregressive import position_ids_from_mask
+from .autoregressive import ar_hidden_states
 from .connector import Connector
-from .diffusion import Condition, drop_condition, flow_matching_loss
+from .diffusion import TIMESTEP_SAMPLINGS, Condition, drop_condition, flow_matching_loss
 from .image_tokenizer import ImageTokenizer, token_grid
+from .semantic_blueprint import object_boxes
+from .semantic_embedding import SemanticEmbedding, token_log_probs
+from .semantic_encoder import SemanticEncoder
+from .ta_tok import TATok
 from .text_tokenizer import ImageVocab, extend_tokenizer
 from .vae import spatial_compression
 
 CONFIG_NAME = "blip3o_config.json"
 SUBFOLDERS = ("tokenizer", "image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler")
-OPTIONAL_SUBFOLDERS = ("reference_connector", "edit_ar")  # only in models trained to edit
+# image_embedding: only with a semantic blueprint; the others only in models trained to edit.
+OPTIONAL_SUBFOLDERS = ("image_embedding", "reference_connector", "edit_ar")
+IMAGE_TOKENIZERS = {cls.__name__: cls for cls in (ImageTokenizer, SemanticEncoder, TATok)}
 
 
 CONDITION_SOURCES = ("blueprint", "prompt")
@@ -52,6 +57,7 @@ class Blip3oNextConfig:
     ce_weight: float = 1.0  # loss = ce_weight * CE + flow_matching_weight * FM (official 1:1)
     flow_matching_weight: float = 1.0
     condition_dropout: float = 0.1  # share of samples whose AR condition is zeroed (for CFG)
+    timestep_sampling: str = "uniform"  # flow matching's training noise levels: "uniform" or "logit_normal" (diffusion.py)
     num_inference_steps: int = 30  # official defaults at inference
     guidance_scale: float = 2.0
     top_k: int = 1200
@@ -100,6 +106,8 @@ class Blip3oNextConfig:
             raise ValueError(f"edit_temperature must be >= 0, got {self.edit_temperature}")
         if self.edit_preserve_margin < 0:
             raise ValueError(f"edit_preserve_margin must be >= 0, got {self.edit_preserve_margin}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {self.timestep_sampling!r}")
         if self.reference_injection_axis not in INJECTION_AXES:
             raise ValueError(f"reference_injection_axis must be one of {', '.join(INJECTION_AXES)}, got {self.reference_injection_axis!r}")
 
@@ -118,12 +126,13 @@ class Blip3oNext(nn.Module):
         self,
         config: Blip3oNextConfig,
         tokenizer: PreTrainedTokenizerFast,
-        image_tokenizer: ImageTokenizer,
+        image_tokenizer: ImageTokenizer | SemanticEncoder | TATok,
         ar: Qwen3ForCausalLM,
         connector: Connector,
         transformer: SanaTransformer2DModel,
         vae: AutoencoderDC,
         scheduler: FlowMatchEulerDiscreteScheduler,
+        image_embedding: SemanticEmbedding | None = None,
         reference_connector: Connector | None = None,
         edit_ar: Qwen3ForCausalLM | None = None,
     ):
@@ -136,9 +145,10 @@ class Blip3oNext(nn.Module):
         self.transformer = transformer
         self.vae = vae
         self.scheduler = scheduler
+        self.image_embedding = image_embedding
         self.reference_connector = reference_connector
         self.edit_ar = edit_ar
-        self.image_vocab = ImageVocab.from_tokenizer(tokenizer, image_tokenizer.config.codebook_size)
+        self.image_vocab = ImageVocab.from_tokenizer(tokenizer, image_tokenizer.codebook_size)
         self._check_parts()
 
     # ------------------------------------------------------------------ derived sizes
@@ -146,6 +156,11 @@ class Blip3oNext(nn.Module):
     @property
     def num_image_tokens(self) -> int:
         return self.image_tokenizer.num_tokens
+
+    @property
+    def semantic(self) -> bool:
+        """Whether the blueprint is semantic (one token per object; `semantic_blueprint.py`) rather than VQ codes."""
+        return isinstance(self.image_tokenizer, SemanticEncoder)
 
     @property
     def span_length(self) -> int:
@@ -170,22 +185,33 @@ class Blip3oNext(nn.Module):
 
     def _check_parts(self) -> None:
         """Fail loudly, showing both numbers, when the parts do not fit together."""
+        # With a semantic blueprint the AR model's table holds the text rows, and image_embedding the image rows.
+        ar_rows = self.image_vocab.image_offset if self.semantic else self.image_vocab.vocab_end
         checks = [
-            ("AR vocabulary", self.ar.config.vocab_size, ">=", self.image_vocab.vocab_end),
+            ("AR vocabulary", self.ar.config.vocab_size, ">=", ar_rows),
             ("connector input", self.connector.config.hidden_size, "==", self.ar.config.hidden_size),
             ("connector width", self.connector.config.width, "==", self.transformer.config.caption_channels),
             ("transformer in_channels", self.transformer.config.in_channels, "==",
-             self.vae.config.latent_channels + self.connector.config.spatial_channels + self.reference_input_channels),
+             self.vae.config.latent_channels + self.connector.map_channels + self.reference_input_channels),
             ("image tokenizer input", self.image_tokenizer.config.image_size, "==", self.config.image_size),
         ]
+        if self.semantic != (self.image_embedding is not None):
+            raise ValueError(f"a {'semantic' if self.semantic else 'VQ'} blueprint {'needs' if self.semantic else 'has no'} image_embedding")
+        if self.image_embedding is not None:
+            checks += [("image_embedding width", self.image_embedding.config.hidden_size, "==", self.ar.config.hidden_size),
+                       ("image_embedding ids", self.image_embedding.vocab.size, "==", self.image_vocab.codebook_size)]
+        if self.connector.config.footprint_channels and not self.semantic:
+            raise ValueError("the connector's footprint path reads object boxes from a semantic blueprint; this model's is VQ")
         if self.edit_ar is not None:
             checks += [("edit_ar hidden size", self.edit_ar.config.hidden_size, "==", self.ar.config.hidden_size),
                        ("edit_ar vocabulary", self.edit_ar.config.vocab_size, "==", self.ar.config.vocab_size)]
         for name, got, op, want in checks:
             if (op == "==" and got != want) or (op == ">=" and got < want):
                 raise ValueError(f"{name} is {got}, must be {op} {want}")
-        if self.config.condition_source == "prompt" and self.connector.config.spatial_channels:
-            raise ValueError("the connector's spatial path needs the blueprint; condition_source 'prompt' needs spatial_channels = 0")
+        if self.config.condition_source == "prompt" and self.connector.map_channels:
+            raise ValueError("the connector's spatial maps need the blueprint; condition_source 'prompt' needs spatial_channels = footprint_channels = 0")
+        if self.config.separate_edit_ar and self.semantic:
+            raise ValueError("separate_edit_ar is for VQ blueprints; a semantic blueprint edits with its one AR model")
         if self.config.separate_edit_ar and not self.config.editing:
             raise ValueError("separate_edit_ar needs editing")
         if self.config.separate_edit_ar != (self.edit_ar is not None):
@@ -232,49 +258,56 @@ class Blip3oNext(nn.Module):
 
         For edit samples (`is_edit` (B,) True), `reference_latents` (B, C, H, W) are the source image's latents;
         the other samples of the batch are text-to-image and are rendered without a reference."""
-        hidden, logits = self._ar_forward(input_ids, attention_mask, is_edit)
-        targets = labels[:, 1:]
-        token_ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
-        valid = (targets != -100).float()
+        hidden, token_log_p = self._ar_forward(input_ids, attention_mask, labels[:, 1:], is_edit)
+        valid = (labels[:, 1:] != -100).float()
         # Mean per sequence, then over the batch: the same loss however the batch is split across processes.
-        ce = ((token_ce.view_as(valid) * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+        ce = (-(token_log_p * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
         index = self.image_span(input_ids)
         if self.config.condition_source == "prompt":
             condition = self.condition(*prompt_states(hidden, attention_mask, index[:, 0] - 1))
         else:
-            condition = self.condition(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])))
+            codes = input_ids.gather(1, index[:, 1:]) - self.image_vocab.image_offset
+            condition = self.condition(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), codes=codes)
         condition = drop_condition(condition, self.config.condition_dropout if self.training else 0.0, generator)
         fm = self._flow_matching_loss(latents, condition, generator, reference_latents, is_edit)
         loss = self.config.ce_weight * ce + self.config.flow_matching_weight * fm
         return Blip3oNextOutput(loss=loss, ce_loss=ce.detach(), flow_matching_loss=fm.detach())
 
-    def _ar_forward(self, input_ids, attention_mask, is_edit=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last-layer hidden states (B, T, H) and next-token logits (B, T - 1, V). With a separate edit AR model,
-        edit rows go through it and the other rows through the text-to-image one."""
+    def _ar_forward(self, input_ids, attention_mask, targets, is_edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer hidden states (B, T, H) and the log-probability of each next token `targets` (B, T - 1; 0
+        where -100). With a separate edit AR model, edit rows go through it and the other rows through the
+        text-to-image one."""
         groups = [(self.ar, None)]
         if self.edit_ar is not None and is_edit is not None:
             groups = [(self.ar, ~is_edit), (self.edit_ar, is_edit)]
-        hidden = logits = None
+        hidden = log_p = None
         for ar, rows in groups:
-            ids, mask = (input_ids, attention_mask) if rows is None else (input_ids[rows], attention_mask[rows])
+            ids, mask, tg = (input_ids, attention_mask, targets) if rows is None else (input_ids[rows], attention_mask[rows], targets[rows])
             if ids.shape[0] == 0:
                 continue
-            h = ar.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
-            lg = ar.lm_head(h[:, :-1])
+            h = ar_hidden_states(ar, ids, mask, self.image_vocab, self.image_embedding)
+            lp = self._token_log_probs(ar, h[:, :-1], tg, ids)
             if rows is None:
-                return h, lg
+                return h, lp
             if hidden is None:
                 hidden = h.new_zeros(input_ids.shape[0], *h.shape[1:])
-                logits = lg.new_zeros(input_ids.shape[0], *lg.shape[1:])
-            hidden, logits = hidden.index_put((rows,), h), logits.index_put((rows,), lg)
-        return hidden, logits
+                log_p = lp.new_zeros(input_ids.shape[0], *lp.shape[1:])
+            hidden, log_p = hidden.index_put((rows,), h), log_p.index_put((rows,), lp)
+        return hidden, log_p
+
+    def _token_log_probs(self, ar: Qwen3ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """log p of `targets` (B, T - 1) from the states before them; 0 where the target is -100."""
+        if self.image_embedding is not None:
+            return token_log_probs(ar, self.image_embedding, hidden, targets, input_ids, self.image_vocab)
+        log_p = ar.lm_head(hidden).float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        return log_p * (targets != -100)
 
     def _flow_matching_loss(self, latents, condition, generator, reference_latents=None, is_edit=None) -> torch.Tensor:
         """Flow matching over the batch; with edit samples, text-to-image and edit samples go through the
         transformer as two groups (edits have the reference attached), and the loss is their sample-weighted mean."""
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         if reference_latents is None or is_edit is None:
-            return flow_matching_loss(self.transformer, latents, condition, num_train_timesteps, generator)
+            return flow_matching_loss(self.transformer, latents, condition, num_train_timesteps, generator, self.config.timestep_sampling)
         total = latents.new_zeros((), dtype=torch.float32)
         for edits in (False, True):
             index = (is_edit == edits).nonzero().squeeze(1)
@@ -284,7 +317,7 @@ class Blip3oNext(nn.Module):
             if edits:
                 group = self.with_reference(group, reference_latents[index])
             gens = [generator[i] for i in index.tolist()] if isinstance(generator, list) else generator
-            total = total + flow_matching_loss(self.transformer, latents[index], group, num_train_timesteps, gens) * index.numel()
+            total = total + flow_matching_loss(self.transformer, latents[index], group, num_train_timesteps, gens, self.config.timestep_sampling) * index.numel()
         return total / latents.shape[0]
 
     def with_reference(self, condition: Condition, reference_latents: torch.Tensor) -> Condition:
@@ -303,12 +336,23 @@ class Blip3oNext(nn.Module):
             reference_tokens=tokens,
         )
 
-    def condition(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
+    def condition(self, states: torch.Tensor, mask: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> Condition:
         """The diffusion condition from AR hidden states: the image span (B, span_length, H), or with
-        condition_source "prompt" the prompt's states and their mask. No reference image yet (`with_reference`)."""
-        spatial = None
+        condition_source "prompt" the prompt's states and their mask. A semantic blueprint's `codes` (B, N) place
+        its objects' footprints. No reference image yet (`with_reference`)."""
+        maps = []
+        side = self.latent_shape[-1]
+        image_states = states[:, 1:]  # the image tokens, not <S0>
         if self.connector.config.spatial_channels:
-            spatial = self.connector.spatial_map(states[:, 1:], self.latent_shape[-1])  # image tokens, not <S0>
+            # A semantic blueprint's grid cells follow its background token; VQ codes are all grid cells.
+            cells = image_states[:, 1 : 1 + self.image_embedding.vocab.config.n_cells] if self.semantic else image_states
+            maps.append(self.connector.spatial_map(cells, side))
+        if self.connector.config.footprint_channels:
+            if codes is None:
+                raise ValueError("the footprint map needs the blueprint's codes (condition(..., codes=))")
+            boxes, valid = footprint_boxes(codes, self.image_embedding.vocab)
+            maps.append(self.connector.footprint_map(image_states, boxes.to(states.device, states.dtype), valid.to(states.device), side, self.config.image_size))
+        spatial = torch.cat(maps, dim=1) if maps else None
         reference_channels = None
         if self.reference_input_channels:  # text-to-image in a model with channel injection: an all-zero reference
             reference_channels = states.new_zeros(states.shape[0], *self.latent_shape)
@@ -353,7 +397,8 @@ class Blip3oNext(nn.Module):
 
         loaders = {
             "tokenizer": lambda p: PreTrainedTokenizerFast.from_pretrained(p),
-            "image_tokenizer": lambda p: ImageTokenizer.from_pretrained(p, **weights, **dtype),
+            "image_tokenizer": lambda p: image_tokenizer_class(p).from_pretrained(p, **weights, **dtype),
+            "image_embedding": lambda p: SemanticEmbedding.from_pretrained(p, **weights, **dtype),
             "ar": load_ar,
             "connector": lambda p: Connector.from_pretrained(p, **weights, **dtype),
             "transformer": lambda p: SanaTransformer2DModel.from_pretrained(p, **weights, **dtype),
@@ -401,6 +446,28 @@ def refuse_pickled_weights(path: Path) -> None:
     for file in sorted(path.rglob("*")):
         if file.suffix.lower() in PICKLE_SUFFIXES and file.is_file():
             raise CheckpointError(f"{file}: pickle weights are refused (safetensors only); delete the file or convert it")
+
+
+def image_tokenizer_class(folder: Path) -> type[ImageTokenizer] | type[SemanticEncoder] | type[TATok]:
+    """The class an image tokenizer folder was saved from (its config's `_class_name`): VQ, semantic or TA-Tok."""
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    if name not in IMAGE_TOKENIZERS:
+        raise CheckpointError(f"{folder / 'config.json'}: unknown image tokenizer class {name!r} (expected one of {', '.join(IMAGE_TOKENIZERS)})")
+    return IMAGE_TOKENIZERS[name]
+
+
+def footprint_boxes(codes: torch.Tensor, vocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drawn boxes of semantic blueprints `codes` (B, N), padded: (B, K, 5) as `object_boxes`, and (B, K) valid."""
+    rows = [object_boxes(row, vocab) for row in codes.tolist()]
+    k = max(1, max(len(r) for r in rows))
+    boxes, valid = torch.zeros(len(rows), k, 5), torch.zeros(len(rows), k, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        boxes[i, : len(r)] = torch.from_numpy(r)
+        valid[i, : len(r)] = True
+    return boxes, valid
 
 
 def _culprit(folder: Path, error: Exception) -> Path:
@@ -452,11 +519,20 @@ def prompt_states(hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_end
 # ----------------------------------------------------------------------------- presets
 
 
-def tiny_parts_configs(vocab_size: int, codebook_size: int = 512) -> dict[str, dict]:
-    """Configs of the tiny preset (64 px, trains on a CPU). `vocab_size` is the extended tokenizer's size."""
+def tiny_parts_configs(vocab_size: int, codebook_size: int = 512, semantic: bool = False) -> dict[str, dict]:
+    """Configs of the tiny preset (64 px, trains on a CPU). `vocab_size` is the extended tokenizer's size.
+
+    `semantic`: the blueprint is the semantic one (69 tokens, `semantic_blueprint.py`) instead of 16 x 16 VQ codes;
+    the connector then also paints each object's footprint (16 channels + 2 offsets)."""
     hidden, width, latent_channels, spatial = 256, 256, 8, 16
     image_tokenizer = dict(image_size=64, patch_size=4, channels=(64, 128), code_dim=32, codebook_size=codebook_size)
-    span_length = 1 + token_grid(image_tokenizer["image_size"], image_tokenizer["patch_size"], image_tokenizer["channels"]) ** 2
+    if semantic:
+        from .semantic_blueprint import DEFAULT_CONFIG
+
+        span_length, footprint = 1 + DEFAULT_CONFIG.seq_len, spatial
+    else:
+        span_length, footprint = 1 + token_grid(image_tokenizer["image_size"], image_tokenizer["patch_size"], image_tokenizer["channels"]) ** 2, 0
+    map_channels = spatial + (footprint + 2 if footprint else 0)
     return {
         "image_tokenizer": image_tokenizer,
         "ar": dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -464,8 +540,8 @@ def tiny_parts_configs(vocab_size: int, codebook_size: int = 512) -> dict[str, d
         # Explicit positions on both sides of the cross-attention (span positions; sincos on the latent grid) and
         # the spatial map (connector.py): the tiny model must get the blueprint-cell -> latent-cell alignment
         # from little data.
-        "connector": dict(hidden_size=hidden, width=width, num_positions=span_length, spatial_channels=spatial),
-        "transformer": dict(in_channels=latent_channels + spatial, out_channels=latent_channels, num_attention_heads=4, attention_head_dim=32, num_layers=4,
+        "connector": dict(hidden_size=hidden, width=width, num_positions=span_length, spatial_channels=spatial, footprint_channels=footprint),
+        "transformer": dict(in_channels=latent_channels + map_channels, out_channels=latent_channels, num_attention_heads=4, attention_head_dim=32, num_layers=4,
                             num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128,
                             caption_channels=width, sample_size=16, patch_size=1, interpolation_scale=1.0),
         "vae": "tiny",
@@ -496,16 +572,23 @@ def build_model(
     tokenizer: PreTrainedTokenizerFast,
     configs: dict,
     config: Blip3oNextConfig | None = None,
-    image_tokenizer: ImageTokenizer | None = None,
+    image_tokenizer: ImageTokenizer | SemanticEncoder | None = None,
     vae: AutoencoderDC | None = None,
 ) -> Blip3oNext:
     """New AR model, connector and transformer from configs, around the given (or new) tokenizer parts and VAE.
 
-    The tokenizer is extended for the image codebook; the AR vocabulary grows to fit it.
+    The tokenizer is extended for the image codebook; the AR vocabulary grows to fit it (with a semantic
+    blueprint, to the text rows: a new `SemanticEmbedding` holds the image rows).
     """
     image_tokenizer = image_tokenizer or ImageTokenizer(**configs["image_tokenizer"])
-    tokenizer, _ = extend_tokenizer(tokenizer, image_tokenizer.config.codebook_size)
-    ar_config = {**configs["ar"], "vocab_size": max(configs["ar"].get("vocab_size", 0), len(tokenizer))}
+    tokenizer, image_vocab = extend_tokenizer(tokenizer, image_tokenizer.codebook_size)
+    semantic = isinstance(image_tokenizer, SemanticEncoder)
+    rows = image_vocab.image_offset if semantic else len(tokenizer)
+    ar_config = {**configs["ar"], "vocab_size": max(configs["ar"].get("vocab_size", 0), rows)}
+    embedding = None
+    if semantic:
+        c = image_tokenizer.config
+        embedding = SemanticEmbedding(ar_config["hidden_size"], image_size=c.image_size, grid=c.grid, offset_bins=c.offset_bins, letter_slots=c.letter_slots)
     return Blip3oNext(
         config or Blip3oNextConfig(image_size=image_tokenizer.config.image_size),
         tokenizer,
@@ -515,6 +598,7 @@ def build_model(
         SanaTransformer2DModel(**configs["transformer"]),
         vae or AutoencoderDC(**_vae_config(configs["vae"])),
         FlowMatchEulerDiscreteScheduler(),
+        image_embedding=embedding,
     )
 
 

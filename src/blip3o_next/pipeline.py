@@ -30,6 +30,7 @@ from .diffusion import sample_latents
 from .fileio import to_rgb
 from .image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
 from .modeling import Blip3oNext
+from .semantic_encoder import SemanticEncoder
 from .released_checkpoint import PROMPT_TEMPLATE, is_released_layout, load_released, released_prompt
 from .vae import decode_latents, encode_latents
 
@@ -313,13 +314,14 @@ class Pipeline:
         model = self.model
         edits = reference_latents is not None
         if blueprints is None:
-            bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator, self.ar_decoders[edits])
+            bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator,
+                                  self.ar_decoders[edits], model.image_embedding)
         else:
-            bp = forced_blueprint(model.ar_for(edits), model.image_vocab, ids, mask, blueprints.to(ids.device, torch.long))
+            bp = forced_blueprint(model.ar_for(edits), model.image_vocab, ids, mask, blueprints.to(ids.device, torch.long), model.image_embedding)
         if model.config.condition_source == "prompt":  # the no-blueprint ablation: the prompt's states
             condition = model.condition(bp.prompt_hidden_states, mask)
         else:
-            condition = model.condition(bp.hidden_states)
+            condition = model.condition(bp.hidden_states, codes=bp.codes)
         if reference_latents is not None:
             condition = model.with_reference(condition, reference_latents)
         known = None
@@ -336,8 +338,9 @@ class Pipeline:
             keep = unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, tuple(decoded.shape[-2:]))
             decoded = torch.lerp(decoded, reference_pixels.to(decoded.dtype), keep.to(decoded.dtype))
         images = tensor_to_images(decoded)
-        # Only this project's tokenizer draws its codes; TA-Tok's decoder rebuilds SigLIP features, not pixels.
-        previews = tensor_to_images(model.image_tokenizer.decode(bp.codes)) if isinstance(model.image_tokenizer, ImageTokenizer) else []
+        # Only this project's tokenizers draw their codes; TA-Tok's decoder rebuilds SigLIP features, not pixels.
+        drawn = isinstance(model.image_tokenizer, (ImageTokenizer, SemanticEncoder))
+        previews = tensor_to_images(model.image_tokenizer.decode(bp.codes)) if drawn else []
         return PipelineOutput(
             images=[Image.fromarray(a) for a in images],
             blueprints=bp.codes.cpu(),

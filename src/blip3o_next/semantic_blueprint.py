@@ -88,7 +88,7 @@ from PIL import Image
 
 from .scorers import T2IResult, check_t2i
 from .shapeworld.prompts import LETTERS, Requirement
-from .shapeworld.render import make_text, render_pil
+from .shapeworld.render import glyph_boxes, make_text, render_pil
 from .shapeworld.world import (
     BACKGROUNDS,
     CAP_HEIGHT_RANGE,
@@ -582,6 +582,21 @@ def plan_score(ids: TokenIds, requirement: Requirement, vocab: SemanticVocab = D
     """`check_t2i` of the decoded blueprint: whether the plan satisfies the prompt, with no diffusion in between
     (and no verifier: the decoded scene is exact, so a failure is the plan's own)."""
     return check_t2i(requirement, decode_tokens(ids, vocab))
+
+
+def object_boxes(ids: TokenIds, vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndarray:
+    """(K, 5) float32 rows (token position, cx, cy, half width, half height), px: for each token that draws
+    something, the box it draws in the decoded scene. Shape anchors give their shape's box, the text anchor its
+    word's ink box, and each letter slot its glyph's box (where `make_text` lays the letter out). Tells the
+    renderer where each token's content goes."""
+    scene = decode_tokens(ids, vocab)
+    c = vocab.config
+    rows = [(c.cell_positions[anchor_of(o.cx, o.cy, c)[0]], o.cx, o.cy, o.size / 2, o.size / 2) for o in scene.objects]
+    if scene.text is not None:
+        t = scene.text
+        rows.append((c.cell_positions[anchor_of(t.cx, t.cy, c)[0]], t.cx, t.cy, t.width / 2, t.height / 2))
+        rows += [(position, *box) for position, box in zip(c.letter_positions, glyph_boxes(t))]
+    return np.asarray(rows, np.float32).reshape(-1, 5)
 
 
 def encode_batch(scenes: Iterable[Scene], vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndarray:

@@ -22,7 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind, ravel
+from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind, preview, ravel
 
 CELL_KINDS = (TokenKind.EMPTY, TokenKind.SHAPE, TokenKind.TEXT)  # what a cell may hold, in the kind head's order
 CELL_FACTORS = ("shape", "color", "size", "dx", "dy", "ink", "cap")
@@ -137,6 +137,16 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
         loss = sum(parts.values())
         return loss, {k: v.item() for k, v in parts.items()}
 
+    @property
+    def num_tokens(self) -> int:
+        """Blueprint length N (positions the AR model writes)."""
+        return self.vocab.config.seq_len
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of ids."""
+        return self.vocab.size
+
     # ------------------------------------------------------------------ reading
 
     @torch.no_grad()
@@ -145,6 +155,14 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
         logits = self(images).logits
         pick = {name: scores.argmax(-1) for name, scores in logits.items()}
         return self.assemble(pick)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) blueprint ids -> their previews (B, 3, H, W) in [-1, 1]: the decoded scenes drawn by the data
+        engine's renderer (a diagnostic of the plan, never a generated image)."""
+        from .image_tokenizer import images_to_tensor
+
+        return images_to_tensor(np.stack([np.asarray(preview(row, self.vocab)) for row in ids.tolist()])).to(ids.device)
 
     def assemble(self, pick: dict[str, torch.Tensor]) -> torch.Tensor:
         """Factor indices per position -> ids (the inverse of the codec's factor table, vectorised)."""

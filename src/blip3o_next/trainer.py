@@ -12,6 +12,7 @@ temporary folder and renamed into place, so a run killed at any moment resumes f
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -33,6 +34,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -68,6 +70,9 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "older checkpoints are deleted"})
     log_every: int = field(default=10, metadata={"help": "steps between metric rows"})
     mixed_precision: str = field(default="no", metadata={"help": "no / fp16 / bf16 (accelerate)"})
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "EMA of the trained weights (diffusers' EMAModel), used for sample grids and the final model; 0 = off"}
+    )
     init_from: str | None = field(default=None, metadata={"help": "sft / edit_sft: the model folder to start from; vae: a VAE folder to fine-tune"})
     train_only: list[str] | None = field(
         default=None, metadata={"help": "train only parameters whose names start with one of these prefixes (e.g. [decoder]); the rest stay frozen"}
@@ -89,6 +94,8 @@ class TrainConfig:
             raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
         if self.stage in ("sft", "edit_sft") and not self.init_from:
             raise ValueError(f"the {self.stage} stage needs init_from (a model folder, or a bundled model's name)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 < self.edit_fraction < 1:
             raise ValueError(f"edit_fraction must be in (0, 1) so that every batch mixes edits and t2i, got {self.edit_fraction}")
         if self.stage == "pretrain" and not (self.text_tokenizer_dir and self.image_tokenizer_dir and self.vae_dir):
@@ -374,8 +381,8 @@ class ModelStage(PretrainedModuleStage):
         from diffusers import AutoencoderDC
         from transformers import PreTrainedTokenizerFast
 
-        from .image_tokenizer import ImageTokenizer
-        from .modeling import Blip3oNext, Blip3oNextConfig, build_model, tiny_parts_configs
+        from .modeling import Blip3oNext, Blip3oNextConfig, build_model, image_tokenizer_class, tiny_parts_configs
+        from .semantic_encoder import SemanticEncoder
 
         self.cfg = cfg
         if cfg.stage in ("sft", "edit_sft"):
@@ -385,9 +392,11 @@ class ModelStage(PretrainedModuleStage):
             model.config = dataclasses.replace(model.config, **cfg.model)
         else:
             tok = PreTrainedTokenizerFast.from_pretrained(cfg.text_tokenizer_dir)
-            image_tokenizer = ImageTokenizer.from_pretrained(cfg.image_tokenizer_dir, use_safetensors=True)
+            folder = Path(cfg.image_tokenizer_dir)
+            image_tokenizer = image_tokenizer_class(folder).from_pretrained(folder, use_safetensors=True)
             vae = AutoencoderDC.from_pretrained(cfg.vae_dir, use_safetensors=True)
-            configs = tiny_parts_configs(vocab_size=0, codebook_size=image_tokenizer.config.codebook_size)
+            semantic = isinstance(image_tokenizer, SemanticEncoder)
+            configs = tiny_parts_configs(vocab_size=0, codebook_size=image_tokenizer.codebook_size, semantic=semantic)
             for name, override in cfg.parts.items():
                 configs[name].update(override)
             model = build_model(tok, configs, Blip3oNextConfig(image_size=cfg.canvas, **cfg.model), image_tokenizer=image_tokenizer, vae=vae)
@@ -404,11 +413,15 @@ class ModelStage(PretrainedModuleStage):
         core.image_tokenizer.eval()  # frozen: eval mode also stops the VQ codebook's EMA updates
         core.vae.eval()
         device = next(p for p in model.parameters() if p.requires_grad).device
+        if core.semantic:
+            samples, codes = self.exact_blueprints(samples)
+            codes = codes.to(device)
         x = _images(samples).to(device)
         is_edit = torch.tensor(["reference" in s for s in samples], device=device)
         reference_codes, reference_latents = None, None
         with torch.no_grad():
-            codes = core.image_tokenizer.encode(x)
+            if not core.semantic:
+                codes = core.image_tokenizer.encode(x)
             latents = encode_latents(core.vae, x)
             if is_edit.any():  # only the edit rows' references are encoded; t2i rows keep placeholders the model never reads
                 r = _images([{"image": s["reference"]} for s in samples if "reference" in s]).to(device)
@@ -421,6 +434,23 @@ class ModelStage(PretrainedModuleStage):
         )
         out = model(ids.to(device), mask.to(device), labels.to(device), latents, generators, reference_latents, is_edit if is_edit.any() else None)
         return out.loss, {"ce": out.ce_loss.item(), "flow_matching": out.flow_matching_loss.item()}
+
+    @staticmethod
+    def exact_blueprints(samples: list[dict]) -> tuple[list[dict], torch.Tensor]:
+        """A semantic blueprint's training targets: the exact blueprints of the samples' scenes (the data engine
+        knows them; the encoder reads only images without a scene). Scenes the codec cannot write are skipped
+        (about 1 in 20,000: a one-letter word beside a small shape, both anchored in one cell)."""
+        from .semantic_blueprint import encode_scene
+        from .shapeworld.world import Scene
+
+        kept, codes = [], []
+        for s in samples:
+            try:
+                codes.append(encode_scene(Scene.from_dict(s["scene"])))
+            except ValueError:
+                continue
+            kept.append(s)
+        return kept, torch.tensor(codes)
 
     def preview(self, module, samples):
         from .pipeline import Pipeline
@@ -490,8 +520,11 @@ def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, t
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(output_dir: Path, step: int, stage: Stage, module: nn.Module, optimizer, scheduler, data_position: int) -> Path:
-    """Write checkpoint-<step> atomically (temporary folder, then rename)."""
+def save_checkpoint(
+    output_dir: Path, step: int, stage: Stage, module: nn.Module, optimizer, scheduler, data_position: int, ema: EMAModel | None = None
+) -> Path:
+    """Write checkpoint-<step> atomically (temporary folder, then rename). `model/` holds the trained weights
+    (to resume); with EMA, `ema.safetensors` holds the averaged ones."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
     try:
@@ -500,6 +533,9 @@ def save_checkpoint(output_dir: Path, step: int, stage: Stage, module: nn.Module
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))  # e.g. VQ dead-code resampling
         state = {"step": step, "data_position": data_position, "optimizer": meta, "scheduler": scheduler.state_dict()}
+        if ema is not None:
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, str(tmp / "ema.safetensors"))
+            state["ema_step"] = ema.optimization_step
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -514,9 +550,16 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler) -> tuple[int, int]:
-    """Restore weights, optimizer, scheduler and RNG; returns (step, data position)."""
+def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, ema: EMAModel | None = None) -> tuple[int, int]:
+    """Restore weights, optimizer, scheduler, RNG and EMA; returns (step, data position)."""
     state = json.loads((path / "trainer_state.json").read_text())
+    if ema is not None:
+        if "ema_step" not in state:
+            raise InputError(f"{path}: has no EMA weights, but ema_decay is set; resume with the config it was trained with")
+        shadow = load_file(str(path / "ema.safetensors"))
+        for i, p in enumerate(ema.shadow_params):
+            p.copy_(shadow[str(i)])
+        ema.optimization_step = state["ema_step"]
     stage.load_weights(path / "model")
     _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -588,7 +631,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     accelerator.wait_for_everyone()
     torch.manual_seed(cfg.seed)
-    if cfg.stage == "image_tokenizer" and accelerator.is_main_process and not (out / "text_tokenizer").is_dir():
+    if cfg.stage in ("image_tokenizer", "semantic_tokenizer") and accelerator.is_main_process and not (out / "text_tokenizer").is_dir():
         save_text_tokenizer(out / "text_tokenizer", cfg)
     stage = make_stage(cfg)
     if cfg.train_only:
@@ -596,10 +639,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     params = [p for p in stage.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(stage.module, cfg.lr, cfg.lr_scales or {}), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay else None
     step, position = 0, 0
     resume = latest_checkpoint(out)
     if resume is not None:
-        step, position = load_checkpoint(resume, stage, optimizer, scheduler)
+        step, position = load_checkpoint(resume, stage, optimizer, scheduler, ema)
         logger.info("resumed from %s (step %d)", resume, step)
     model, optimizer = accelerator.prepare(stage.module, optimizer)
     metrics = MetricsLog(out, enabled=accelerator.is_main_process)
@@ -616,6 +660,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
             accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.step(params)
         step += 1
         run_steps += 1
         position += cfg.batch_size
@@ -629,10 +675,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(model)
-                save_checkpoint(out, step, stage, unwrapped, optimizer, scheduler, position)
+                save_checkpoint(out, step, stage, unwrapped, optimizer, scheduler, position, ema)
                 prune_checkpoints(out, cfg.keep_checkpoints)
                 metrics.plot()
-                save_preview(out / f"samples-{step:07d}.png", stage, unwrapped, cfg)
+                with averaged_weights(ema, params):
+                    save_preview(out / f"samples-{step:07d}.png", stage, unwrapped, cfg)
             accelerator.wait_for_everyone()
         if stop_after is not None and run_steps >= stop_after:
             break
@@ -640,9 +687,24 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     metrics.close()
     check_replicas(accelerator, params, out)
     if step >= cfg.steps and accelerator.is_main_process:
-        stage.save(accelerator.unwrap_model(model), out / "final")
+        with averaged_weights(ema, params):
+            stage.save(accelerator.unwrap_model(model), out / "final")
     accelerator.wait_for_everyone()
     return out
+
+
+@contextlib.contextmanager
+def averaged_weights(ema: EMAModel | None, params: list[torch.Tensor]):
+    """Within the block the parameters hold their EMA (nothing changes without EMA); restored afterwards."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def check_prefixes(module: nn.Module, prefixes: Iterable[str], setting: str) -> None:
@@ -688,10 +750,16 @@ def check_replicas(accelerator: Accelerator, params: list[torch.Tensor], out: Pa
 
 
 def save_text_tokenizer(path: Path, cfg: TrainConfig) -> None:
-    """Train the text tokenizer on data-engine text (with the image vocabulary of this tokenizer's codebook)."""
+    """Train the text tokenizer on data-engine text (with the image vocabulary of this stage's tokenizer)."""
+    from .semantic_blueprint import BlueprintConfig, SemanticVocab
     from .text_tokenizer import build_text_tokenizer
 
-    codebook = cfg.parts.get("image_tokenizer", {}).get("codebook_size", 512)
+    if cfg.stage == "semantic_tokenizer":
+        parts = cfg.parts.get("semantic_tokenizer", {})
+        geometry = {k: parts[k] for k in ("grid", "offset_bins", "letter_slots") if k in parts}
+        codebook = SemanticVocab(BlueprintConfig(canvas=cfg.canvas, **geometry)).size
+    else:
+        codebook = cfg.parts.get("image_tokenizer", {}).get("codebook_size", 512)
     tok, _ = build_text_tokenizer(codebook, vocab_size=cfg.parts.get("text_vocab_size", 1024), seed=cfg.seed)
     tok.save_pretrained(path)
 

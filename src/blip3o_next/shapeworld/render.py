@@ -162,19 +162,44 @@ def font_for_cap_height(cap_px_4x: int) -> ImageFont.FreeTypeFont:
     return best
 
 
-@lru_cache(maxsize=4096)
-def word_mask_4x(word: str, cap_px_4x: int) -> np.ndarray:
-    """The word's ink coverage at 4x resolution, cropped to its ink box (uint8, 0..255)."""
+def _draw_in_word_box(word: str, cap_px_4x: int, text: str, x: float = 0.0) -> np.ndarray:
+    """`text` drawn at 4x, `x` px right of where `word` starts, on the canvas that holds `word` with a margin."""
     font = font_for_cap_height(cap_px_4x)
     left, top, right, bottom = font.getbbox(word)
     pad = 4
     im = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
-    ImageDraw.Draw(im).text((pad - left, pad - top), word, fill=255, font=font)
-    a = np.asarray(im)
+    ImageDraw.Draw(im).text((pad - left + x, pad - top), text, fill=255, font=font)
+    return np.asarray(im)
+
+
+@lru_cache(maxsize=4096)
+def word_mask_4x(word: str, cap_px_4x: int) -> np.ndarray:
+    """The word's ink coverage at 4x resolution, cropped to its ink box (uint8, 0..255)."""
+    a = _draw_in_word_box(word, cap_px_4x, word)
     rows, cols = np.nonzero(a.any(axis=1))[0], np.nonzero(a.any(axis=0))[0]
     mask = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     mask.setflags(write=False)
     return mask
+
+
+@lru_cache(maxsize=4096)
+def glyph_spans_4x(word: str, cap_px_4x: int) -> tuple[tuple[int, int], ...]:
+    """Each letter's ink columns [x0, x1) at 4x, in `word_mask_4x`'s coordinates (letters laid out by their
+    advance widths, as the word is drawn)."""
+    font = font_for_cap_height(cap_px_4x)
+    first = int(np.nonzero(_draw_in_word_box(word, cap_px_4x, word).any(axis=0))[0][0])
+    spans = []
+    for i, letter in enumerate(word):
+        cols = np.nonzero(_draw_in_word_box(word, cap_px_4x, letter, font.getlength(word[:i])).any(axis=0))[0]
+        spans.append((int(cols[0]) - first, int(cols[-1]) + 1 - first))
+    return tuple(spans)
+
+
+def glyph_boxes(text: TextObject) -> list[tuple[float, float, float, float]]:
+    """(cx, cy, half width, half height) in canvas px of each letter of a text object, as it is rendered."""
+    left = text.cx - text.width / 2
+    return [(left + (x0 + x1) / (2 * SUPERSAMPLE), text.cy, (x1 - x0) / (2 * SUPERSAMPLE), text.height / 2)
+            for x0, x1 in glyph_spans_4x(text.word, cap_height_4x(text.cap_height))]
 
 
 def cap_height_4x(cap_height: float) -> int:

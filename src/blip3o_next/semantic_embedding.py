@@ -1,0 +1,217 @@
+"""The AR model's embedding and output layer for the semantic blueprint's tokens, factorised so that they are learned
+from every object.
+
+The blueprint has 49,311 ids (`semantic_blueprint.py`), 46,080 of them shape anchors: a shape, color and size at one
+of 64 sub-cell offsets. A flat table learned row by row would see most rows a handful of times in a CPU run. Here
+every id is a few factors, and its embedding row is the sum of theirs:
+
+    row(id) = kind[kind(id)] + head[head(id)] + anchor(id) * (dx[dx(id)] + dy[dy(id)])
+
+`kind` is the token's kind (background, EMPTY, shape anchor, text anchor, letter, PAD); `head` is the id with its
+offset removed (801 heads: 3 backgrounds, EMPTY, 720 shape anchors (shape, color, size), 50 text anchors (ink, cap
+height), 26 letters, PAD), and a head's row is its own plus its factors' (a shape anchor's (shape, color) row and
+size row, a text anchor's ink and cap rows), so that every red circle teaches the rows of all red circles' sizes;
+anchors add the rows of their dx and dy offset bins, which shapes and words share.
+
+The output layer uses the same rows (tied) as a hierarchy of small softmaxes over the ids a position allows:
+
+    p(id) = p(kind) * p(head | kind) * p(dx) ** anchor * p(dy) ** anchor
+
+So an object is one sampled id, its shape, color and size one joint choice given that there is an object, and its
+offset two small ones. Why a hierarchy and not one softmax over the tied rows (which factorises the same way): with
+one softmax, the ~60 empty cells of every blueprint pushed all anchors down together against the pull of its few
+objects, and the tiny AR model never learned which object to write (p(right head | an object here) stayed at chance,
+0.002 against 1/720, after 790 steps; docs/semantic_blueprint.md). Here empty cells train only the kind.
+
+`log_probs` gives the exact log-likelihood of given ids (training, RL) from 6 + 801 + 8 + 8 logits; `full_log_probs`
+gives every id's for the sampler, which applies its options and constraint (`allowed`) to them. The AR model's own
+table holds the text rows (text, `<im_start>`, `<im_end>`, the scale tokens); this part, saved in its own folder
+(`image_embedding/`), holds the image side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+from transformers import Qwen3ForCausalLM
+
+from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind
+from .shapeworld.world import scale
+from .text_tokenizer import ImageVocab
+
+MIN_SPACE = 1.0  # px a sampled shape keeps from the canvas edge and from every other shape (see `allowed`)
+
+
+HEAD_FACTORS = ("shape_color", "size", "ink", "cap")  # what a head's row is built from, besides its own row
+
+
+def factor_index(vocab: SemanticVocab) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Per id: its head class, its dx and dy bins (0 where it has none) and whether it is an anchor; and per head,
+    its index in each of HEAD_FACTORS' tables (the table's last row where the factor does not apply)."""
+    table = vocab.factor_table()
+    anchor = np.isin(table["kind"], (TokenKind.SHAPE, TokenKind.TEXT))
+    dx, dy = np.where(anchor, table["dx"], 0), np.where(anchor, table["dy"], 0)
+    # An anchor's ids differ only in the last two raveled factors (dx, dy), so the id at offset (0, 0) names its head.
+    at_origin = np.arange(vocab.size) - (dx * vocab.config.offset_bins + dy)
+    first_ids, head = np.unique(at_origin, return_inverse=True)
+    cards = vocab.factor_cardinalities()
+    values = {
+        "shape_color": np.where(table["shape"] >= 0, table["shape"] * cards["color"] + table["color"], cards["shape"] * cards["color"]),
+        "size": np.where(table["size"] >= 0, table["size"], cards["size"]),
+        "ink": np.where(table["ink"] >= 0, table["ink"], cards["ink"]),
+        "cap": np.where(table["cap"] >= 0, table["cap"], cards["cap"]),
+    }
+    return head, dx, dy, anchor, {name: v[first_ids] for name, v in values.items()}
+
+
+class SemanticEmbedding(ModelMixin, ConfigMixin):
+    """Factor rows of the semantic image tokens (see the module docstring), with exact per-position log-probs.
+
+    Args: hidden_size (the AR model's), init_std, and the blueprint's geometry (see `BlueprintConfig`)."""
+
+    @register_to_config
+    def __init__(self, hidden_size: int, init_std: float = 0.02, image_size: int = 64, grid: int = 8, offset_bins: int = 8, letter_slots: int = 4):
+        super().__init__()
+        self.vocab = vocab = SemanticVocab(BlueprintConfig(canvas=image_size, grid=grid, offset_bins=offset_bins, letter_slots=letter_slots))
+        c = vocab.config
+        head, dx, dy, anchor, head_factors = factor_index(vocab)
+        kind = vocab.factor_table()["kind"]
+        self.kind = nn.Embedding(len(TokenKind), hidden_size)
+        self.head = nn.Embedding(int(head.max()) + 1, hidden_size)
+        self.head_factors = nn.ModuleDict({name: nn.Embedding(int(v.max()) + 1, hidden_size) for name, v in head_factors.items()})
+        self.dx = nn.Embedding(vocab.config.offset_bins, hidden_size)
+        self.dy = nn.Embedding(vocab.config.offset_bins, hidden_size)
+        for table in (self.kind, self.head, *self.head_factors.values(), self.dx, self.dy):
+            nn.init.normal_(table.weight, std=init_std)
+        for name, v in head_factors.items():
+            self.register_buffer(f"head_{name}", torch.from_numpy(v), persistent=False)
+        for name, values in (("kind_of", kind), ("head_of", head), ("dx_of", dx), ("dy_of", dy), ("anchor", anchor)):
+            self.register_buffer(name, torch.from_numpy(np.array(values)), persistent=False)
+        head_kind = torch.zeros(self.head.num_embeddings, dtype=torch.long)
+        head_kind[self.head_of] = self.kind_of
+        self.register_buffer("head_kind", head_kind, persistent=False)
+        mask = torch.from_numpy(np.array(vocab.position_mask()))
+        self.register_buffer("position_mask", mask, persistent=False)  # (positions, ids): which ids may stand where
+        kind_allowed = torch.zeros(mask.shape[0], len(TokenKind), dtype=torch.bool)
+        kind_allowed[:, self.kind_of] |= mask
+        self.register_buffer("kind_allowed", kind_allowed, persistent=False)  # (positions, kinds)
+        # Shape anchors' geometry, for the sampler's constraint: an id's box depends only on its (size, dx, dy), one
+        # of 960 geometries; the constraint is computed per geometry and read out per id (class G: not a shape).
+        table = vocab.factor_table()
+        is_shape = table["kind"] == TokenKind.SHAPE  # the sizes, dx and dy of other ids are -1: clipped, then unused
+        geometry = np.ravel_multi_index((table["size"], table["dx"], table["dy"]), (c.n_sizes, c.offset_bins, c.offset_bins), mode="clip")
+        n_geometries = c.n_sizes * c.offset_bins**2
+        size, dx, dy = np.unravel_index(np.arange(n_geometries), (c.n_sizes, c.offset_bins, c.offset_bins))
+        bin_width = c.cell / c.offset_bins
+        self.register_buffer("geometry_of", torch.from_numpy(np.where(is_shape, geometry, n_geometries)), persistent=False)
+        self.register_buffer("geometry_offset", torch.tensor(np.stack([dx + 0.5, dy + 0.5], -1) * bin_width, dtype=torch.float32), persistent=False)
+        self.register_buffer("geometry_half", torch.tensor((size + c.size_range[0]) * scale(c.canvas) / 2, dtype=torch.float32), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of `ids` (blueprint ids, any shape) -> (..., hidden)."""
+        rows = self.kind(self.kind_of[ids]) + self.head_rows()[self.head_of[ids]]
+        offset = self.dx(self.dx_of[ids]) + self.dy(self.dy_of[ids])
+        return rows + offset * self.anchor[ids, None].to(rows.dtype)
+
+    def allowed(self, written: torch.Tensor) -> torch.Tensor:
+        """(B, ids) bool: the ids that may come next after the blueprint tokens `written` (B, s), s < N.
+
+        Beyond the position's mask (background, cell tokens, letters), a shape anchor must keep its box inside the
+        canvas and away from every shape already written, each by `MIN_SPACE` px (the data engine keeps 2 px;
+        decoding moves a centre by at most 0.5 px, so every true blueprint keeps at least 1). The constraint reads
+        only the tokens written so far, never the prompt."""
+        c = self.vocab.config
+        step = written.shape[1]
+        mask = self.position_mask[step].expand(written.shape[0], -1)
+        if step not in c.cell_positions:
+            return mask
+        row, col = divmod(step - c.cell_positions.start, c.grid)
+        centre = self.geometry_offset + self.geometry_offset.new_tensor([col * c.cell, row * c.cell])  # (G, 2)
+        half = self.geometry_half[:, None]
+        ok = ((centre - half >= MIN_SPACE) & (centre + half <= c.canvas - MIN_SPACE)).all(-1).expand(written.shape[0], -1)  # (B, G)
+        earlier = written[:, c.cell_positions.start :]  # the cells written so far, in raster order
+        earlier_is_shape = self.geometry_of[earlier] < len(self.geometry_half)
+        k = int(earlier_is_shape.sum(1).max()) if earlier.shape[1] else 0
+        if k:
+            cells = earlier_is_shape.float().argsort(dim=1, descending=True, stable=True)[:, :k]  # each row's shapes first
+            geometry, valid = self.geometry_of[earlier.gather(1, cells)], earlier_is_shape.gather(1, cells)
+            geometry = geometry.clamp(max=len(self.geometry_half) - 1)  # padding rows are masked by `valid`
+            origins = torch.stack([cells % c.grid, cells // c.grid], -1).to(centre.dtype) * c.cell
+            earlier_centre = origins + self.geometry_offset[geometry]  # (B, k, 2)
+            reach = self.geometry_half + torch.where(valid, self.geometry_half[geometry], -torch.inf)[..., None] + MIN_SPACE  # (B, k, G)
+            near = ((centre[:, 0] - earlier_centre[..., :1]).abs() < reach) & ((centre[:, 1] - earlier_centre[..., 1:]).abs() < reach)
+            ok = ok & ~near.any(1)
+        ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], 1)  # the last class: not a shape, never constrained
+        return mask & ok[:, self.geometry_of]
+
+    def head_rows(self) -> torch.Tensor:
+        """(801, hidden): each head's row, its own plus its factors' (a shape anchor's (shape, color) and size, a text
+        anchor's ink and cap height), so that every object of a color and shape teaches all its sizes' rows."""
+        return self.head.weight + sum(table.weight[getattr(self, f"head_{name}")] for name, table in self.head_factors.items())
+
+    def table(self) -> torch.Tensor:
+        """Every id's row: (vocab size, hidden)."""
+        return self(torch.arange(self.vocab.size, device=self.head.weight.device))
+
+    def factor_log_probs(self, hidden: torch.Tensor, positions: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+        """log p(kind) over the kinds a blueprint position allows, log p(head | its kind), log p(dx), log p(dy):
+        (..., 6), (..., 801), (..., 8), (..., 8) for `hidden` (..., H) predicting the token at `positions`."""
+        hidden = hidden.float()
+        kind = (hidden @ self.kind.weight.float().T).masked_fill(~self.kind_allowed[positions], -torch.inf).log_softmax(-1)
+        head = hidden @ self.head_rows().float().T
+        within = torch.stack([head.masked_fill(self.head_kind != k, -torch.inf).logsumexp(-1) for k in range(len(TokenKind))], -1)
+        head = head - within[..., self.head_kind]
+        return kind, head, (hidden @ self.dx.weight.float().T).log_softmax(-1), (hidden @ self.dy.weight.float().T).log_softmax(-1)
+
+    def log_probs(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """log p(id) (the hierarchy in the module docstring) of `ids` (...) standing at blueprint `positions` (...),
+        predicted from `hidden` (..., H)."""
+        kind, head, dx, dy = self.factor_log_probs(hidden, positions)
+        pick = lambda lp, index: lp.gather(-1, index[..., None]).squeeze(-1)  # noqa: E731
+        offset = pick(dx, self.dx_of[ids]) + pick(dy, self.dy_of[ids])
+        return pick(kind, self.kind_of[ids]) + pick(head, self.head_of[ids]) + torch.where(self.anchor[ids], offset, 0.0)
+
+    def full_log_probs(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """(B, ids) log p of every id at blueprint `position` (-inf where the position allows none of its kind)."""
+        kind, head, dx, dy = self.factor_log_probs(hidden, position)
+        offset = dx[..., self.dx_of] + dy[..., self.dy_of]
+        return kind[..., self.kind_of] + head[..., self.head_of] + torch.where(self.anchor, offset, 0.0)
+
+
+def input_embeddings(ar: Qwen3ForCausalLM, embedding: SemanticEmbedding, input_ids: torch.Tensor, image_vocab: ImageVocab) -> torch.Tensor:
+    """The AR model's input vectors for token ids: text rows from its own table, image rows from the factors."""
+    is_image = (input_ids >= image_vocab.image_offset) & (input_ids < image_vocab.vocab_end)
+    text = ar.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+    image = embedding((input_ids - image_vocab.image_offset).clamp(0, image_vocab.codebook_size - 1))
+    return torch.where(is_image[..., None], image.to(text.dtype), text)
+
+
+def blueprint_positions(input_ids: torch.Tensor, image_vocab: ImageVocab) -> torch.Tensor:
+    """Each token's position inside the blueprint it belongs to: its distance from the last <S0> before it, minus 1."""
+    steps = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last_scale = torch.where(input_ids == image_vocab.scales[0], steps, 0).cummax(1).values
+    return steps - last_scale - 1
+
+
+def token_log_probs(
+    ar: Qwen3ForCausalLM, embedding: SemanticEmbedding, hidden: torch.Tensor, targets: torch.Tensor, input_ids: torch.Tensor, image_vocab: ImageVocab
+) -> torch.Tensor:
+    """log p of each next token `targets` (B, T - 1; -100 ignored, giving 0) from `hidden` (B, T - 1, H).
+
+    Blueprint tokens get `SemanticEmbedding.log_probs` (over the ids their position allows); the others are
+    normalised over the non-image tokens (text and the image-span markers), since a sampler never draws an image
+    token outside a blueprint."""
+    is_image = (targets >= image_vocab.image_offset) & (targets < image_vocab.vocab_end)
+    out = hidden.new_zeros(targets.shape, dtype=torch.float32)
+    if is_image.any():
+        positions = blueprint_positions(input_ids, image_vocab)[:, 1:]
+        out[is_image] = embedding.log_probs(hidden[is_image], targets[is_image] - image_vocab.image_offset, positions[is_image])
+    text = ~is_image & (targets != -100)
+    if text.any():
+        rows = ar.get_output_embeddings().weight[: image_vocab.image_offset]
+        logits = hidden[text].float() @ rows.float().T
+        out[text] = logits.log_softmax(-1).gather(-1, targets[text][:, None]).squeeze(-1)
+    return out

@@ -1,0 +1,201 @@
+"""The semantic blueprint inside the model: the factorised image-token embedding gives exact log-probs, the sampler
+draws only ids a position allows, the connector paints object footprints, and a semantic model trains (with EMA,
+resuming exactly), saves, loads and generates."""
+
+import json
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from blip3o_next.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, sample_blueprint
+from blip3o_next.cli import main
+from blip3o_next.connector import Connector
+from blip3o_next.image_tokenizer import images_to_tensor
+from blip3o_next.modeling import Blip3oNext, build_model
+from blip3o_next.pipeline import Pipeline
+from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, decode_tokens, encode_scene, preview
+from blip3o_next.semantic_embedding import MIN_SPACE, SemanticEmbedding, token_log_probs
+from blip3o_next.semantic_encoder import SemanticEncoder
+from blip3o_next.shapeworld.dataset import t2i_samples
+from blip3o_next.shapeworld.sampler import sample_scene
+from blip3o_next.shapeworld.world import Scene
+from blip3o_next.text_tokenizer import train_text_tokenizer
+from blip3o_next.trainer import TrainConfig, latest_checkpoint, train
+from blip3o_next.vae import encode_latents
+
+from conftest import small_configs
+
+PROMPTS = ["a photo of a red circle left of a blue star", "a photo of the word \"HI\""]
+
+
+@pytest.fixture(scope="module")
+def semantic_model() -> Blip3oNext:
+    corpus = ["a photo of two red circles above a blue star", "the word HI", "make the green cross bigger"] * 30
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_text_tokenizer(corpus, vocab_size=300), pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    encoder = SemanticEncoder(channels=(8, 8, 8, 8), width=16, layers=1, attention_heads=2)
+    return build_model(tok, small_configs(0, semantic=True), image_tokenizer=encoder).eval()
+
+
+def batch(model: Blip3oNext, n: int = 2):
+    samples = list(islice(t2i_samples(0, 64), n))
+    codes = torch.tensor([encode_scene(Scene.from_dict(s["scene"])) for s in samples])
+    ids, mask, labels = build_sequences(model.tokenizer, model.image_vocab, [s["caption"] for s in samples], codes, 32)
+    with torch.no_grad():
+        latents = encode_latents(model.vae, images_to_tensor(np.stack([s["image"] for s in samples])))
+    return ids, mask, labels, latents
+
+
+def test_log_probs_form_a_distribution_over_each_positions_ids():
+    torch.manual_seed(0)
+    embedding = SemanticEmbedding(16, init_std=0.5)
+    hidden = torch.randn(6, 16)
+    positions = [0, 1, 30, 64, 65, 68]
+    full = torch.stack([embedding.full_log_probs(h[None], p)[0] for h, p in zip(hidden, positions)])
+    assert torch.allclose(full.exp().sum(-1), torch.ones(6), atol=1e-5)
+    assert torch.equal(full.isfinite(), embedding.position_mask[positions])  # every allowed id, and only those
+    ids = torch.multinomial(full.exp(), 1).squeeze(1)
+    assert torch.allclose(embedding.log_probs(hidden, ids, torch.tensor(positions)), full.gather(1, ids[:, None]).squeeze(1), atol=1e-5)
+
+
+def test_one_head_per_object_whatever_its_offset():
+    embedding = SemanticEmbedding(8)
+    ids = [DEFAULT_VOCAB.shape_token("star", "red", 12, dx, dy) for dx, dy in ((0, 0), (3, 5), (7, 7))]
+    heads = embedding.head_of[ids]
+    assert len(set(heads.tolist())) == 1
+    assert embedding.head_of[DEFAULT_VOCAB.shape_token("star", "blue", 12, 0, 0)] != heads[0]
+    assert embedding.head.num_embeddings == 3 + 1 + 6 * 8 * 15 + 10 * 5 + 26 + 1
+
+
+def test_sampler_draws_only_allowed_ids_and_forcing_them_gives_the_same_states(semantic_model):
+    model = semantic_model
+    tok = model.tokenizer(PROMPTS, add_special_tokens=False)["input_ids"]
+    width = max(map(len, tok))
+    ids = torch.tensor([[model.tokenizer.pad_token_id] * (width - len(r)) + r for r in tok])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in tok])
+    bp = sample_blueprint(model.ar, ids, mask, model.image_vocab, model.num_image_tokens, SamplingConfig(top_k=0, top_p=1.0),
+                          torch.Generator().manual_seed(0), embedding=model.image_embedding)
+    allowed = torch.from_numpy(np.array(DEFAULT_VOCAB.position_mask()))
+    assert bp.codes.shape == (2, DEFAULT_VOCAB.config.seq_len)
+    assert allowed[torch.arange(bp.codes.shape[1]), bp.codes].all()  # a random model still writes a well-formed blueprint
+    for row in bp.codes:
+        boxes = [o.box for o in decode_tokens(row).objects]
+        assert all(MIN_SPACE <= b.x0 and b.x1 <= 64 - MIN_SPACE and MIN_SPACE <= b.y0 and b.y1 <= 64 - MIN_SPACE for b in boxes)
+        assert all(a.gap_to(b) >= MIN_SPACE for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    forced = forced_blueprint(model.ar, model.image_vocab, ids, mask, bp.codes, model.image_embedding)
+    assert torch.allclose(forced.hidden_states, bp.hidden_states, atol=1e-4)
+
+
+def test_the_sampler_constraint_keeps_every_true_blueprint_and_refuses_overlaps_and_overhangs():
+    embedding = SemanticEmbedding(8)
+    rng = np.random.default_rng(0)
+    rows = []
+    while len(rows) < 60:
+        try:
+            rows.append(encode_scene(sample_scene(rng, 64)))
+        except ValueError:  # two anchors in one cell: the codec refuses the scene
+            continue
+    written = torch.tensor(rows)
+    assert all(embedding.allowed(written[:, :s])[torch.arange(len(rows)), written[:, s]].all() for s in range(written.shape[1]))
+    c = DEFAULT_VOCAB.config
+    blank = [DEFAULT_VOCAB.background_token("white")] + [DEFAULT_VOCAB.empty_id] * c.n_cells
+    first = list(blank)
+    first[c.cell_positions[9]] = DEFAULT_VOCAB.shape_token("circle", "red", 12, 4, 4)  # centre (12.5, 12.5), side 12
+    next_cell = embedding.allowed(torch.tensor([first[: c.cell_positions[10]]]))[0]  # x 16..24
+    assert not next_cell[DEFAULT_VOCAB.shape_token("star", "blue", 12, 4, 4)]  # centre 20.5: the boxes overlap
+    assert next_cell[DEFAULT_VOCAB.empty_id] and next_cell[DEFAULT_VOCAB.text_token("black", 12, 0, 0)]
+    two_on = embedding.allowed(torch.tensor([first[: c.cell_positions[11]]]))[0]  # x 24..32
+    assert two_on[DEFAULT_VOCAB.shape_token("star", "blue", 10, 2, 4)]  # centre 26.5, side 10: 3 px apart
+    assert not two_on[DEFAULT_VOCAB.shape_token("star", "blue", 14, 0, 4)]  # centre 24.5, side 14: 0 px apart
+    corner = embedding.allowed(torch.tensor([blank[: c.cell_positions[0]]]))[0]  # the top-left cell
+    assert not corner[DEFAULT_VOCAB.shape_token("circle", "red", 20, 0, 0)] and corner[DEFAULT_VOCAB.shape_token("circle", "red", 10, 7, 7)]
+
+
+def test_training_log_probs_match_the_samplers_distribution(semantic_model):
+    """The CE the model trains on is the log-probability the sampler draws with."""
+    model = semantic_model
+    ids, mask, labels, _ = batch(model, 1)
+    with torch.no_grad():
+        hidden = ar_hidden_states(model.ar, ids, mask, model.image_vocab, model.image_embedding)
+        log_p = token_log_probs(model.ar, model.image_embedding, hidden[:, :-1], labels[:, 1:], ids, model.image_vocab)
+    start = int((ids[0] == model.image_vocab.scales[0]).nonzero()[-1])  # the <S0> before the blueprint
+    for k in (0, 1, 40, 66):  # the background, two cells, a letter slot
+        want = model.image_embedding.full_log_probs(hidden[0, start + k][None], k)[0, ids[0, start + 1 + k] - model.image_vocab.image_offset]
+        assert torch.isclose(log_p[0, start + k], want, atol=1e-4)
+
+
+def test_footprint_map_paints_each_object_over_its_box():
+    connector = Connector(hidden_size=4, width=8, footprint_channels=4)
+    with torch.no_grad():
+        connector.footprint_proj.weight.copy_(torch.eye(4))
+        connector.footprint_proj.bias.zero_()
+    states = torch.zeros(1, 69, 4)
+    states[0, 18] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    boxes = torch.tensor([[[18, 20.0, 20.0, 4.0, 4.0], [0, 0.0, 0.0, 0.0, 0.0]]])
+    out = connector.footprint_map(states, boxes, torch.tensor([[True, False]]), side=16, canvas=64)
+    assert out.shape == (1, 6, 16, 16)
+    inside = out[0, 0] != 0
+    # latent cells of 4 px whose centres lie within half a side plus one cell (4 + 4 px) of the centre 20: cells 3..6
+    want = torch.zeros(16, 16, dtype=torch.bool)
+    want[3:7, 3:7] = True
+    assert torch.equal(inside, want)
+    assert torch.equal(out[0, 1][want], torch.full((16,), 2.0))
+    assert out[0, 4, 3, 3] < 0 < out[0, 4, 3, 6] and out[0, 5, 3, 4] < 0 < out[0, 5, 6, 4]  # x, y offsets from the centre
+
+
+def test_semantic_model_trains_saves_loads_and_generates(semantic_model, tmp_path):
+    model = semantic_model
+    out = model.train()(*batch(model), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.image_embedding.head.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    model.eval().save_pretrained(tmp_path / "m")
+    loaded = Blip3oNext.from_pretrained(tmp_path / "m")
+    assert loaded.semantic and isinstance(loaded.image_tokenizer, SemanticEncoder)
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    result = Pipeline(loaded)(PROMPTS[:1], seed=0, num_inference_steps=2)
+    assert result.images[0].size == (64, 64)
+    assert np.array_equal(np.asarray(result.blueprint_previews[0]), np.asarray(preview(result.blueprints[0])))
+
+
+def test_semantic_pretrain_with_ema_resumes_exactly(semantic_model, tmp_path):
+    model = semantic_model
+    root = tmp_path / "parts"
+    model.tokenizer.save_pretrained(root / "text_tokenizer")
+    model.image_tokenizer.save_pretrained(root / "image_tokenizer")
+    model.vae.save_pretrained(root / "vae")
+    parts = {k: v for k, v in small_configs(0, semantic=True).items() if k in ("ar", "connector", "transformer")}
+    parts["ar"].pop("vocab_size")
+
+    def config(out):
+        return TrainConfig(stage="pretrain", output_dir=str(out), steps=4, batch_size=2, lr=3e-3, warmup_steps=1, checkpoint_every=2,
+                           log_every=1, ema_decay=0.5, text_tokenizer_dir=str(root / "text_tokenizer"),
+                           image_tokenizer_dir=str(root / "image_tokenizer"), vae_dir=str(root / "vae"), parts=parts,
+                           model={"timestep_sampling": "logit_normal", "top_k": 0, "top_p": 1.0})
+
+    train(config(tmp_path / "a"))
+    train(config(tmp_path / "b"), stop_after=3)
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-0000002"
+    train(config(tmp_path / "b"))
+    a, b = (Blip3oNext.from_pretrained(tmp_path / x / "final").state_dict() for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    raw = Blip3oNext.from_pretrained(tmp_path / "a" / "checkpoint-0000004" / "model").state_dict()
+    assert not torch.equal(raw["transformer.proj_out.weight"], a["transformer.proj_out.weight"])  # the final model is the EMA
+    assert Blip3oNext.from_pretrained(tmp_path / "a" / "final").semantic
+
+
+def test_cli_generates_and_scores_plans_with_a_semantic_model(semantic_model, tmp_path, capsys):
+    semantic_model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "imgs" / "out.png"
+    assert main(["generate", PROMPTS[0], "-o", str(out), "--show-blueprint", "--model", str(tmp_path / "m"), "--steps", "1"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.png", "out_blueprint.png"]
+    report = tmp_path / "geneval.json"
+    assert main(["eval", "geneval", "--model", str(tmp_path / "m"), "--per-category", "1", "--steps", "1", "--json", str(report),
+                 "--grid", str(tmp_path / "grid.png")]) == 0
+    assert "plan score" in capsys.readouterr().out
+    summary = json.loads(report.read_text())["summary"]
+    assert {c: v["n"] for c, v in summary["plan"]["categories"].items()} == {c: v["n"] for c, v in summary["categories"].items()}
