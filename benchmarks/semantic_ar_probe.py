@@ -27,10 +27,10 @@ from blip3o_next.autoregressive import SamplingConfig, build_sequences, position
 from blip3o_next.evaluation import format_t2i_table, geneval_suite, prompt_jobs
 from blip3o_next.modeling import tiny_parts_configs
 from blip3o_next.scorers import summarize_t2i
-from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, encode_scene, plan_score
+from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, plan_score
 from blip3o_next.semantic_embedding import SemanticEmbedding, input_embeddings, token_log_probs
 from blip3o_next.shapeworld.dataset import t2i_samples
-from blip3o_next.shapeworld.world import Scene
+from blip3o_next.trainer import ModelStage
 from blip3o_next.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
 WEIGHTS = {"single_object": 0.5, "two_object": 1.0, "counting": 1.0, "colors": 0.5, "position": 1.0, "color_attr": 1.0, "text": 1.5, "dense": 1.5}
@@ -46,14 +46,8 @@ def load_or_build_tokenizer(out: Path) -> PreTrainedTokenizerFast:
 
 
 def batch(position: int, size: int, seed: int) -> tuple[list[str], torch.Tensor]:
-    prompts, codes = [], []
-    for s in islice(t2i_samples(seed, 64, WEIGHTS, 0.15, start=position), size):
-        try:
-            codes.append(encode_scene(Scene.from_dict(s["scene"])))
-        except ValueError:  # two anchors in one cell: about 1 scene in 20,000
-            continue
-        prompts.append(s["caption"])
-    return prompts, torch.tensor(codes)
+    samples, codes = ModelStage.exact_blueprints(list(islice(t2i_samples(seed, 64, WEIGHTS, 0.15, start=position), size)))
+    return [s["caption"] for s in samples], codes
 
 
 def sequence_loss(ar, embedding, tok, vocab, prompts, codes) -> torch.Tensor:

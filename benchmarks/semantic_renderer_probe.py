@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blip3o_next.connector import Connector
-from blip3o_next.diffusion import Condition, drop_condition, noisy_latents, predict_velocity, sample_latents
+from blip3o_next.diffusion import Condition, drop_condition, noisy_latents, predict_velocity, sample_latents, training_sigmas
 from blip3o_next.evaluation import evaluate_t2i, format_t2i_table, geneval_suite, prompt_jobs, t2i_grid, t2i_items
 from blip3o_next.fileio import save_png
 from blip3o_next.image_tokenizer import images_to_tensor, tensor_to_images
@@ -46,7 +46,7 @@ from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, FACTOR_NAMES, anchor_o
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene_for
-from blip3o_next.shapeworld.world import Scene
+from blip3o_next.trainer import ModelStage
 from blip3o_next.vae import decode_latents, encode_latents
 
 HIDDEN, GRID, LATENT_SIDE = 256, 8, 16
@@ -123,19 +123,8 @@ def batches(batch_size: int, seed: int):
     """(ids, images) batches from the text-to-image stream (scenes the codec cannot write are skipped)."""
     stream = t2i_samples(seed, paraphrase_probability=0.0)
     while True:
-        ids, images = [], []
-        for s in islice(stream, batch_size):
-            try:
-                ids.append(encode_scene(Scene.from_dict(s["scene"])))
-            except ValueError:
-                continue
-            images.append(s["image"])
-        yield torch.tensor(ids), images_to_tensor(np.stack(images))
-
-
-def logit_normal(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Noise levels sigmoid(N(0, 1)): most training at mid noise, where layout and shape are decided (SD3)."""
-    return torch.sigmoid(torch.randn(n, generator=generator))
+        samples, ids = ModelStage.exact_blueprints(list(islice(stream, batch_size)))
+        yield ids, images_to_tensor(np.stack([s["image"] for s in samples]))
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -150,7 +139,7 @@ def train(args: argparse.Namespace) -> Path:
     for ids, images in batches(args.batch_size, args.seed):
         with torch.no_grad():
             latents = encode_latents(vae, images)
-        sigmas = logit_normal(len(ids), g)
+        sigmas = training_sigmas(len(ids), g, torch.device("cpu"), torch.float32, "logit_normal")
         noise = randn_tensor(latents.shape, generator=g)
         cond = drop_condition(model.condition(ids), 0.1, g)
         pred = predict_velocity(model.transformer, noisy_latents(latents, noise, sigmas), cond, sigmas * 1000)

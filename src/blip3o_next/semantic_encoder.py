@@ -22,6 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .image_tokenizer import images_to_tensor
 from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind, preview, ravel
 
 CELL_KINDS = (TokenKind.EMPTY, TokenKind.SHAPE, TokenKind.TEXT)  # what a cell may hold, in the kind head's order
@@ -160,8 +161,6 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, N) blueprint ids -> their previews (B, 3, H, W) in [-1, 1]: the decoded scenes drawn by the data
         engine's renderer (a diagnostic of the plan, never a generated image)."""
-        from .image_tokenizer import images_to_tensor
-
         return images_to_tensor(np.stack([np.asarray(preview(row, self.vocab)) for row in ids.tolist()])).to(ids.device)
 
     def assemble(self, pick: dict[str, torch.Tensor]) -> torch.Tensor:
