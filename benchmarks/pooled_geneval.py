@@ -25,8 +25,10 @@ def summary(path: str) -> dict:
     return data.get("summary", data)  # `blip3o eval geneval --json` nests it; GRPO's eval_*.json do not
 
 
-def pool(paths: list[str]) -> dict:
+def pool(paths: list[str], part: str | None = None) -> dict:
+    """The pooled summary of the files' images, or with `part` ("plan") of that part of their summaries."""
     runs = [summary(p) for p in paths]
+    runs = [r[part] for r in runs] if part else runs
     categories = {}
     for cat in runs[0]["categories"]:
         rows = [r["categories"][cat] for r in runs]
@@ -45,7 +47,18 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.before) != len(args.after):
         parser.error("--before and --after need the same number of files")
-    before, after = pool(args.before), pool(args.after)
+    pooled = {"before": pool(args.before), "after": pool(args.after)}
+    print_change(pooled["before"], pooled["after"])
+    if all("plan" in summary(p) for p in args.before + args.after):  # semantic-blueprint models: the plan score too
+        pooled |= {"plan_before": pool(args.before, "plan"), "plan_after": pool(args.after, "plan")}
+        print("\nplan score (the blueprints decoded to scenes; no diffusion):")
+        print_change(pooled["plan_before"], pooled["plan_after"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(pooled, indent=1) + "\n")
+
+
+def print_change(before: dict, after: dict) -> None:
+    """A markdown table of the pooled pass rates before and after, with the standard error of each change."""
     print("| category | n | before | after | change |\n|---|---|---|---|---|")
     for cat, b in before["categories"].items():
         a = after["categories"][cat]
@@ -55,8 +68,6 @@ def main() -> None:
             print(f"| {cat} (OCR reward) | {b['n']} | {b['ocr']:.3f} | {a['ocr']:.3f} | {a['ocr'] - b['ocr']:+.3f} |")
     print(f"| **overall** | | {before['overall']:.3f} | {after['overall']:.3f} | {after['overall'] - before['overall']:+.3f} |")
     print("per seed: " + ", ".join(f"{b:.3f} -> {a:.3f}" for b, a in zip(before["per_seed_overall"], after["per_seed_overall"])))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"before": before, "after": after}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from blip3o_next.autoregressive import SamplingConfig, forced_blueprint, sample_blueprint
 from blip3o_next.cli import main
 from blip3o_next.grpo import (
-    GRPOConfig, Rollouts, TextToImage, TrainingEdits, TrainingPrompts, group_advantages, grpo_loss, policy_update, sample_rollouts,
-    token_logprobs, train_grpo,
+    GRPOConfig, Policy, Rollouts, TextToImage, TrainingEdits, TrainingPrompts, group_advantages, grpo_loss, hidden_drift, policy_update,
+    sample_rollouts, train_grpo,
 )
 from blip3o_next.modeling import Blip3oNext
 from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
 from blip3o_next.rewards import EditReward, VerifierReward
+from blip3o_next.semantic_blueprint import encode_scene
 from blip3o_next.shapeworld.edits import edit_suite, sample_edit
 from blip3o_next.shapeworld.prompts import canonical_suite, parse_prompt
 from blip3o_next.shapeworld.render import render
@@ -66,6 +67,21 @@ def test_precision_reward_charges_each_extra_object_and_an_empty_canvas():
     assert r.parts["precision"].tolist() == pytest.approx([1.0, 2 / 3, 2 / 4, 0.0])
     assert r.total.tolist() == pytest.approx([1.0, 2 / 3, 2 / 4, 0.0])
     assert VerifierReward().weights["precision"] == 0.0  # off unless a config asks for it
+
+
+def test_plan_rewards_on_hand_made_blueprints():
+    """The plan rewards read a semantic blueprint as its scene: the right plan 1, one object of the wrong colour 0
+    with partial credit; with only plan rewards weighed, no image is needed."""
+    prompt = parse_prompt("a photo of a red circle and a blue star")
+    scene = sample_scene_for(prompt, np.random.default_rng(0))
+    wrong = dataclasses.replace(scene, objects=[dataclasses.replace(o, color="green" if o.shape == "star" else o.color) for o in scene.objects])
+    reward = VerifierReward({"strict": 0.0, "partial": 0.0, "ocr": 0.0, "plan": 1.0, "plan_partial": 1.0})
+    r = reward([prompt] * 2, None, np.array([encode_scene(scene), encode_scene(wrong)]))
+    assert set(r.parts) == {"plan", "plan_partial"}
+    assert r.parts["plan"].tolist() == [1.0, 0.0] and r.parts["plan_partial"][0] == 1.0 and 0 < r.parts["plan_partial"][1] < 1
+    assert r.total.tolist() == pytest.approx([2.0, r.parts["plan_partial"][1]])
+    with pytest.raises(ValueError, match="2 requirements for 0 images"):
+        VerifierReward()([prompt] * 2, None)  # image rewards weighed, no images given
 
 
 def test_bad_reward_weights_are_rejected():
@@ -134,6 +150,10 @@ def _toy_prompts(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full((n, PROMPT_LEN), 6), torch.ones(n, PROMPT_LEN, dtype=torch.long)
 
 
+def token_logprobs(ar, *inputs) -> torch.Tensor:
+    return Policy(ar, None).token_logprobs(*inputs)[0]
+
+
 def _good_mass(policy) -> float:
     """Probability the policy gives the rewarded codes (0..3) as the blueprint's first token."""
     ids, mask = _toy_prompts(1)
@@ -169,8 +189,8 @@ def test_a_teacher_forced_blueprint_matches_the_cached_sampler():
 def test_grpo_moves_a_toy_policy_toward_rewarded_tokens():
     """Reward = share of the blueprint's codes in 0..3 (a quarter of the codebook): a few GRPO steps must raise the
     probability the policy gives those codes, while the frozen reference keeps its own."""
-    policy = _toy_policy()
-    reference = _toy_policy()
+    policy = Policy(_toy_policy(), None)
+    reference = Policy(_toy_policy(), None)
     cfg = GRPOConfig(num_generations=8, lr=3e-3, beta=0.001, updates_per_batch=2, eval_per_category=0)
     params = list(policy.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -182,13 +202,13 @@ def test_grpo_moves_a_toy_policy_toward_rewarded_tokens():
 
     shares = []
     for _ in range(8):
-        codes = sample_blueprint(policy, ids, mask, VOCAB, N_TOKENS, SamplingConfig(top_k=0, top_p=1.0), generator).codes
+        codes = sample_blueprint(policy.ar, ids, mask, VOCAB, N_TOKENS, SamplingConfig(top_k=0, top_p=1.0), generator).codes
         shares.append(good_share(codes).mean().item())
         rollouts = Rollouts(items=[], input_ids=ids, attention_mask=mask, codes=codes, images=[])
         stats = policy_update(policy, reference, VOCAB, rollouts, good_share(codes), optimizer, params, cfg)
     assert shares[0] < 0.4 and np.mean(shares[-2:]) > shares[0] + 0.2, shares
-    assert stats["kl"] > 0
-    assert _good_mass(policy) > _good_mass(reference) + 0.2
+    assert stats["kl"] > 0 and stats["hidden_drift"] > 0
+    assert _good_mass(policy.ar) > _good_mass(reference.ar) + 0.2
 
 
 # ----------------------------------------------------------------------------- prompts and the real loop

@@ -2,6 +2,8 @@
 draws only ids a position allows, the connector paints object footprints, and a semantic model trains (with EMA,
 resuming exactly), saves, loads and generates."""
 
+import copy
+import csv
 import json
 from itertools import islice
 
@@ -10,9 +12,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from blip3o_next.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, sample_blueprint
+from blip3o_next.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, sample_blueprint, sample_categorical
 from blip3o_next.cli import main
 from blip3o_next.connector import Connector
+from blip3o_next.fileio import InputError
+from blip3o_next.grpo import GRPOConfig, Policy, Rollouts, policy_update, train_grpo
 from blip3o_next.image_tokenizer import images_to_tensor
 from blip3o_next.modeling import Blip3oNext, build_model
 from blip3o_next.pipeline import Pipeline
@@ -199,3 +203,108 @@ def test_cli_generates_and_scores_plans_with_a_semantic_model(semantic_model, tm
     assert "plan score" in capsys.readouterr().out
     summary = json.loads(report.read_text())["summary"]
     assert {c: v["n"] for c, v in summary["plan"]["categories"].items()} == {c: v["n"] for c, v in summary["categories"].items()}
+
+
+def test_grpo_on_plan_rewards_trains_the_ar_side_and_renders_nothing(semantic_model, tmp_path, monkeypatch):
+    """Plan rewards need no diffusion: one GRPO step samples blueprints only, changes only the AR model and its
+    image embedding, and logs each plan reward and the hidden-state drift (0 while the policy is the reference)."""
+    semantic_model.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(Pipeline, "_render", lambda *a, **k: pytest.fail("plan-only rollouts must not render"))
+    cfg = GRPOConfig(init_from=str(tmp_path / "m"), output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, num_generations=3,
+                     lr=1e-2, eval_per_category=0, reward_weights={"strict": 0, "partial": 0, "ocr": 0, "plan": 1, "plan_partial": 1}, reader=True)
+    out = train_grpo(cfg)
+    before = Blip3oNext.from_pretrained(tmp_path / "m").state_dict()
+    after = Blip3oNext.from_pretrained(out / "final").state_dict()
+    assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"ar", "image_embedding"}
+    # The reader is the starting AR side, frozen: the renderer still reads what it was trained on.
+    for part in ("ar", "embedding"):
+        start = {k: v for k, v in before.items() if k.split(".")[0] == {"ar": "ar", "embedding": "image_embedding"}[part]}
+        assert all(torch.equal(after[f"reader_{part}." + k.split(".", 1)[1]], v) for k, v in start.items())
+    with open(out / "metrics.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert {"reward_plan", "reward_plan_partial"} <= set(row) and "reward_strict" not in row
+    assert float(row["kl"]) == 0.0 and float(row["hidden_drift"]) == 0.0
+
+
+def test_grpo_refuses_what_a_semantic_model_cannot_give(semantic_model, tmp_path):
+    semantic_model.save_pretrained(tmp_path / "m")
+    with pytest.raises(InputError, match="temperature 1"):
+        train_grpo(GRPOConfig(init_from=str(tmp_path / "m"), output_dir=str(tmp_path / "run"), temperature=0.7, eval_per_category=0))
+
+
+def test_grpo_moves_a_semantic_policy_toward_rewarded_tokens(semantic_model):
+    """Reward = a black background (one of three): a few GRPO steps on exact semantic log-probs raise its
+    probability at position 0, and the frozen reference keeps its own."""
+    model = copy.deepcopy(semantic_model)
+    policy = Policy(model.ar, model.image_embedding)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    cfg = GRPOConfig(num_generations=8, lr=3e-2, updates_per_batch=2, eval_per_category=0)
+    params = list(policy.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    black = DEFAULT_VOCAB.background_token("black")
+    ids, mask = model_inputs(model, 2 * cfg.num_generations)
+    generator = torch.Generator().manual_seed(0)
+
+    def black_mass(p: Policy) -> float:
+        with torch.no_grad():
+            hidden = forced_blueprint(p.ar, model.image_vocab, ids[:1], mask[:1], torch.full((1, 1), black), p.embedding).hidden_states
+            return p.embedding.log_probs(hidden[:, :1], torch.tensor([[black]]), torch.zeros(1, 1, dtype=torch.long)).exp().item()
+
+    start = black_mass(policy)
+    for _ in range(6):
+        codes = sample_blueprint(policy.ar, ids, mask, model.image_vocab, model.num_image_tokens, SamplingConfig(top_k=0, top_p=1.0), generator,
+                                 embedding=policy.embedding).codes
+        rollouts = Rollouts(items=[], input_ids=ids, attention_mask=mask, codes=codes, images=None)
+        policy_update(policy, reference, model.image_vocab, rollouts, (codes[:, 0] == black).float(), optimizer, params, cfg)
+    assert black_mass(policy) > start + 0.2 and black_mass(reference) == pytest.approx(start)
+
+
+def model_inputs(model: Blip3oNext, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return Pipeline(model).tokenize([PROMPTS[0]] * n)
+
+
+def test_a_reader_keeps_the_renderers_input_when_the_writer_moves(semantic_model, tmp_path):
+    """With a reader, the renderer reads a blueprint through the frozen copy: moving the writer (as RL does) changes
+    the blueprints it samples, not how a given blueprint is rendered; the reader is saved and loaded with the model."""
+    model = copy.deepcopy(semantic_model)
+    model.add_reader()
+    pipe = Pipeline(model)
+    codes = pipe.sample_blueprints(PROMPTS, seed=0)
+    render = lambda p: np.stack([np.asarray(im) for im in p(PROMPTS, seed=0, blueprints=codes, num_inference_steps=2).images])  # noqa: E731
+    before = render(pipe)
+    with torch.no_grad():
+        for param in model.ar.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    assert np.array_equal(render(pipe), before)
+    moved = copy.deepcopy(semantic_model)
+    moved.ar.load_state_dict(model.ar.state_dict())
+    assert not np.array_equal(render(Pipeline(moved)), before)  # without the reader the same move changes the image
+    model.save_pretrained(tmp_path / "m")
+    loaded = Blip3oNext.from_pretrained(tmp_path / "m")
+    assert loaded.reader_ar is not None and loaded.reader_embedding is not None
+    assert np.array_equal(render(Pipeline(loaded)), before)
+
+
+def test_training_conditions_the_renderer_on_the_reader(semantic_model):
+    """With a reader, the flow-matching loss reads the reader's states: moving the writer changes the CE only."""
+    model = copy.deepcopy(semantic_model)
+    model.add_reader()
+    inputs = batch(model)
+    losses = lambda: model(*inputs, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    with torch.no_grad():
+        before = losses()
+        for param in model.ar.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+        after = losses()
+    assert torch.equal(after.flow_matching_loss, before.flow_matching_loss) and not torch.equal(after.ce_loss, before.ce_loss)
+
+
+def test_sample_categorical_draws_from_the_distribution_and_never_a_zero():
+    torch.manual_seed(0)
+    probs = torch.rand(3, 50) * (torch.rand(3, 50) > 0.5)
+    probs = probs / probs.sum(-1, keepdim=True)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_categorical(probs, generator) for _ in range(20000)])
+    for row in range(3):
+        freq = torch.bincount(draws[:, row], minlength=50).float() / len(draws)
+        assert (freq - probs[row]).abs().max() < 0.012 and not freq[probs[row] == 0].any()

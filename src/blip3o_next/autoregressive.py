@@ -91,11 +91,27 @@ def forced_blueprint(
     return Blueprint(codes=codes, hidden_states=hidden[:, -(codes.shape[1] + 1) :], prompt_hidden_states=hidden[:, : input_ids.shape[1]])
 
 
-def _sample(logits: torch.Tensor, input_ids: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, input_ids: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, wide: bool = False
+) -> torch.Tensor:
+    """Draw one code per row. `wide` supports (the semantic blueprint's 49,311 ids) use `sample_categorical`; VQ
+    codebooks keep `torch.multinomial`, so that their documented results reproduce draw for draw."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    scores = sampling.processors()(input_ids, logits.float())
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = sampling.processors()(input_ids, logits.float()).softmax(-1)
+    return sample_categorical(probs, generator) if wide else torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of `probs` (B, K), drawn by inverting the cumulative distribution (the same distribution
+    as `torch.multinomial`, other random numbers). Written out because `torch.multinomial` is ~30x slower on CPU
+    for 49,311 ids (130 ms against 4 ms for 128 rows). An index of probability 0 is never drawn: `right=True` finds
+    the first cumulative sum above u, and a u rounded up to the total falls back to the last index of positive
+    probability."""
+    cumulative = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cumulative.dtype) * cumulative[:, -1:]
+    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1)
+    return torch.minimum(torch.searchsorted(cumulative, u, right=True).squeeze(-1), last)
 
 
 def cache_length(sequence_length: int, bucket: int = 64) -> int:
@@ -149,7 +165,7 @@ def sample_blueprint(
         else:
             allowed = embedding.allowed(tokens[:, prefix:at] - vocab.image_offset)
             logits = embedding.full_log_probs(hidden[-1][:, -1], step).masked_fill(~allowed, -torch.inf)
-        codes = _sample(logits, tokens[:, :at], sampling, generator)
+        codes = _sample(logits, tokens[:, :at], sampling, generator, wide=embedding is not None)
         tokens[:, at] = codes + vocab.image_offset
         step_input = {"input_ids": tokens[:, at : at + 1]} if embedding is None else {"inputs_embeds": image_rows[codes][:, None]}
         out = decoder(**step_input, attention_mask=full_mask, position_ids=next_pos, past_key_values=cache,

@@ -536,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model from scratch; configs/tiny/rl_recipe.yaml then tunes it with GRPO into the bundled tiny). Each stage resumes from the newest checkpoint in its output folder. Runs under "
         "`accelerate launch` or `torchrun` for several processes. `blip3o train grpo --config configs/tiny/6_grpo.yaml` "
         "runs reinforcement learning (GRPO on the AR model with verifier rewards; settings: blip3o_next.grpo.GRPOConfig); "
+        "configs/tiny/6_semantic_grpo.yaml tunes a semantic-blueprint model on plan rewards (no diffusion in the rollouts); "
         "configs/tiny/7_edit_grpo.yaml (`task: edit`) runs it on an edit model's edit AR model with edit rewards.",
     )
     tr.add_argument("kind", nargs="?", choices=("grpo",), help="grpo: reinforcement learning (also chosen by `stage: grpo` in the YAML)")

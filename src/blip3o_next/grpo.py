@@ -10,6 +10,13 @@ One step:
        with the ratio to the policy that sampled the rollouts and the k3 KL estimator
        exp(ref - logp) - (ref - logp) - 1 (zero when policy equals reference); mean over tokens, then images.
 
+A semantic-blueprint model can also be scored on its plans (rewards.py: `plan`, `plan_partial`): each blueprint
+decoded to its scene and checked against the prompt. With only plan rewards weighed, step 2 renders nothing. Its
+policy is the AR model and its image embedding (the input and output layer over image tokens), and the log-probs
+are the embedding's exact hierarchy. `reader: true` freezes a copy of the starting AR side that re-reads each
+blueprint for the renderer (`Blip3oNext.add_reader`), so the policy's updates never move the renderer's input;
+`hidden_drift` logs how far the policy's own hidden states have moved.
+
 `task: edit` runs the same loop on an edit model's edit AR model: edit pairs from the data engine (never one of
 the held-out ImgEdit suite), the frozen diffusion model renders each edit blueprint with the reference image's
 latents, and the edit rewards score the outputs against the pair's source and target (rewards.EditReward).
@@ -43,7 +50,9 @@ from .autoregressive import SamplingConfig, forced_blueprint
 from .fileio import InputError, save_png, write_json
 from .rewards import (
     DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, EDIT_REWARD_NAMES, REWARD_NAMES, EditReward, Rewards, VerifierReward, check_reward_weights,
+    uses_images, uses_plans,
 )
+from .semantic_embedding import SemanticEmbedding
 from .shapeworld.edits import EDIT_CATEGORIES, EditPair, edit_suite, sample_edit
 from .shapeworld.prompts import CATEGORIES, COMPOSITION, Prompt, canonical_prompt, canonical_suite, composition_prompt
 from .shapeworld.render import render as render_scene
@@ -52,7 +61,7 @@ from .trainer import MetricsLog, PretrainedModuleStage, config_from_yaml, latest
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILES = ("metrics.csv", "reward_curves.png", "kl_curve.png", "eval_before.json", "eval_after.json", "before_after.md", "before_after.png", "timings.json")
+RESULT_FILES = ("metrics.csv", "reward_curves.png", "kl_curve.png", "drift_curve.png", "eval_before.json", "eval_after.json", "before_after.md", "before_after.png", "timings.json")
 PROMPT_SOURCES = (*CATEGORIES, COMPOSITION)
 TASKS = ("t2i", "edit")
 PROBE_DRAWS = 2000  # canonical prompts drawn per category to find the categories with training prompts left
@@ -76,6 +85,11 @@ class GRPOConfig:
     beta: float = field(default=0.001, metadata={"help": "KL coefficient to the frozen reference (official 0.001)"})
     epsilon: float = field(default=0.2, metadata={"help": "clip range of the importance ratio"})
     updates_per_batch: int = field(default=1, metadata={"help": "optimizer steps on each batch of rollouts (>1 makes the clipping bite)"})
+    reader: bool = field(
+        default=False,
+        metadata={"help": "freeze a copy of the starting AR side as the reader that re-reads each blueprint for the renderer, so updates to the "
+                          "policy never move the renderer's input (saved with the model; a model that has one keeps it)"},
+    )
     shared_noise: bool = field(default=True, metadata={"help": "the rollouts of one prompt start the diffusion from the same noise, so their rewards differ by blueprint"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature (no top-k/top-p, so log-probs are exact)"})
     num_inference_steps: int | None = field(default=None, metadata={"help": "diffusion steps of the rollouts (default: the model's)"})
@@ -196,12 +210,35 @@ class TrainingEdits:
 # ----------------------------------------------------------------------------- objective
 
 
-def token_logprobs(ar, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probabilities (B, n) of the image codes after left-padded prompts under `ar`, over the image codebook
-    only (the blueprint sampler's support), at `temperature`."""
-    hidden = forced_blueprint(ar, vocab, input_ids, attention_mask, codes).hidden_states[:, :-1]  # <S0>..c_{n-1} predict c_1..c_n
-    logits = ar.lm_head(hidden)[..., vocab.image_offset : vocab.vocab_end].float() / temperature
-    return logits.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1)
+class Policy(torch.nn.Module):
+    """What GRPO trains: the AR model (or an edit model's edit AR model) and, for a semantic blueprint, the image
+    embedding, which is that AR model's input and output layer over image tokens."""
+
+    def __init__(self, ar: torch.nn.Module, embedding: SemanticEmbedding | None):
+        super().__init__()
+        self.ar, self.embedding = ar, embedding
+
+    def token_logprobs(
+        self, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (B, n) of the image codes after left-padded prompts, and the hidden states (B, n + 1, H)
+        that condition the renderer. VQ codes are normalised over the image codebook (the sampler's support) at
+        `temperature`; semantic ids get the embedding's exact hierarchy (`SemanticEmbedding.log_probs`, at
+        temperature 1), without the sampler's constraint: the constraint removes only overlapping or overhanging
+        shapes, and its normaliser would need every id's probability at every position."""
+        hidden = forced_blueprint(self.ar, vocab, input_ids, attention_mask, codes, self.embedding).hidden_states
+        before = hidden[:, :-1]  # <S0>..c_{n-1} predict c_1..c_n
+        if self.embedding is not None:
+            positions = torch.arange(codes.shape[1], device=codes.device).expand_as(codes)
+            return self.embedding.log_probs(before, codes, positions), hidden
+        logits = self.ar.lm_head(before)[..., vocab.image_offset : vocab.vocab_end].float() / temperature
+        return logits.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1), hidden
+
+
+def hidden_drift(hidden: torch.Tensor, reference: torch.Tensor) -> float:
+    """How far the policy's hidden states over a blueprint have moved from the reference model's on the same
+    tokens: ||h - h_ref|| / ||h_ref||, over every position. The frozen renderer was trained on the reference's."""
+    return ((hidden.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12)).item()
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -234,14 +271,17 @@ class Rollouts:
     input_ids: torch.Tensor  # left-padded AR inputs
     attention_mask: torch.Tensor
     codes: torch.Tensor  # (N, n) sampled blueprints
-    images: list[np.ndarray]
+    images: list[np.ndarray] | None  # None when no reward reads images (plan rewards only)
 
 
 def sample_rollouts(pipe, task: "GRPOTask", items: list, cfg: GRPOConfig, generator: torch.Generator) -> Rollouts:
     """`num_generations` blueprints per prompt (or edit pair) from the current policy, rendered by the frozen
-    diffusion model."""
+    diffusion model unless only plan rewards are weighed."""
     repeated = [item for item in items for _ in range(cfg.num_generations)]
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=0, top_p=1.0)
+    if not task.edits and not uses_images(cfg.reward_weights):
+        ids, mask = pipe.tokenize([p.text for p in repeated])
+        return Rollouts(repeated, ids, mask, pipe.sample_blueprints([p.text for p in repeated], generator=generator, sampling=sampling).to(ids.device), None)
     noise = None
     if cfg.shared_noise:
         noise = torch.randn((len(items), *pipe.model.latent_shape), generator=generator).repeat_interleave(cfg.num_generations, 0)
@@ -284,20 +324,23 @@ class TextToImage:
         return pipe(texts, **options), *pipe.tokenize(texts)
 
     def score(self, rollouts: Rollouts) -> Rewards:
-        return self.reward([p.requirement for p in rollouts.items], rollouts.images)
+        blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None
+        return self.reward([p.requirement for p in rollouts.items], rollouts.images, blueprints)
 
     @staticmethod
     def evaluate(pipe, cfg: GRPOConfig) -> dict:
-        """GenEval-ShapeWorld on the held-out suite (the prompts training never sees), with the model's defaults."""
-        from .evaluation import evaluate_t2i, generate_t2i_items, geneval_suite
+        """GenEval-ShapeWorld on the held-out suite (the prompts training never sees), with the model's defaults;
+        for a semantic-blueprint model also the plan score of the same blueprints (`plan`)."""
+        from .evaluation import evaluate_t2i, generate_t2i_items, geneval_suite, plan_summary
 
         prompts, counts = geneval_suite(cfg.eval_per_category, seed=cfg.heldout_suite_seed)
         items = generate_t2i_items(pipe, prompts, counts, seed=cfg.eval_seed, progress=False)
-        return evaluate_t2i(items)[1]
+        summary = evaluate_t2i(items)[1]
+        return {**summary, "plan": plan_summary(items)} if pipe.model.semantic else summary
 
     @staticmethod
     def table(before: dict, after: dict) -> str:
-        """Markdown table of strict pass (and OCR) per category, before and after RL."""
+        """Markdown table of strict pass (and OCR) per category, before and after RL; then the plan score's, if any."""
         lines = ["| category | n | before | after | change |", "|---|---|---|---|---|"]
         for cat, b in before["categories"].items():
             a = after["categories"][cat]
@@ -306,6 +349,10 @@ class TextToImage:
                 lines.append(_change_row(f"{cat} (OCR reward)", b["n"], b["ocr"], a["ocr"]))
             lines.append(_change_row(f"{cat} (partial)", b["n"], b["partial"], a["partial"]))
         lines.append(_change_row("**overall** (six GenEval categories)", "", before["overall"], after["overall"]))
+        if "plan" in before and "plan" in after:
+            for cat, b in before["plan"]["categories"].items():
+                lines.append(_change_row(f"plan score: {cat}", b["n"], b["pass"], after["plan"]["categories"][cat]["pass"]))
+            lines.append(_change_row("**plan score overall**", "", before["plan"]["overall"], after["plan"]["overall"]))
         return "\n".join(lines)
 
     @staticmethod
@@ -406,10 +453,11 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     task = make_task(cfg)
     if task.edits and not model.config.editing:
         raise InputError(f"task edit needs a model trained to edit (edit SFT); {cfg.init_from} is not")
-    if model.semantic:  # token_logprobs reads VQ codes through the AR model's own LM head
-        raise InputError(f"{cfg.init_from} writes semantic blueprints; GRPO trains VQ-blueprint models only so far")
+    check_model_fits(model, cfg)
+    if cfg.reader:
+        model.add_reader()
     model.requires_grad_(False).eval()  # eval: no dropout, so the sampler and the loss see the same policy
-    policy = model.ar_for(task.edits).requires_grad_(True)
+    policy = Policy(model.ar_for(task.edits), model.image_embedding).requires_grad_(True)
     pipe = Pipeline(model, cfg.device, compile_transformer=cfg.compile_transformer)  # moves the model to the device
     reference = copy.deepcopy(policy).requires_grad_(False)
     logger.info("training categories: %s", ", ".join(task.training.categories))
@@ -443,8 +491,9 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             save_checkpoint(out, step, stage, model, optimizer, scheduler, step)
             prune_checkpoints(out, cfg.keep_checkpoints)
             write_json(out / "timings.json", timings)
-            metrics.plot("reward_curves.png", [f"reward_{n}" for n in task.reward_names] + ["reward"], log_scale=False, title="GRPO rewards (batch means)")
+            metrics.plot("reward_curves.png", [f"reward_{n}" for n in task.reward_names if f"reward_{n}" in values] + ["reward"], log_scale=False, title="GRPO rewards (batch means)")
             metrics.plot("kl_curve.png", ["kl"], log_scale=False, title="KL(policy || reference) per token")
+            metrics.plot("drift_curve.png", ["hidden_drift"], log_scale=False, title="||h - h_ref|| / ||h_ref|| over the sampled blueprints")
     bar.close()
     metrics.close()
     model.save_pretrained(out / "final")
@@ -467,6 +516,16 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     return out
 
 
+def check_model_fits(model, cfg: GRPOConfig) -> None:
+    """InputError naming what a run asks of its model that the model cannot give."""
+    if model.semantic and cfg.temperature != 1.0:
+        raise InputError(f"{cfg.init_from} writes semantic blueprints, whose exact log-probs are at temperature 1; got temperature {cfg.temperature}")
+    if cfg.reader and model.edit_ar is not None:
+        raise InputError(f"{cfg.init_from} has a separate edit AR model; a reader re-reads what `ar` writes, so set reader: false")
+    if not model.semantic and uses_plans(cfg.reward_weights):
+        raise InputError(f"plan rewards read semantic blueprints; {cfg.init_from} writes VQ codes (set plan and plan_partial to 0)")
+
+
 def grpo_step(pipe, policy, reference, task: GRPOTask, items: list, optimizer, params, cfg: GRPOConfig, step: int) -> dict[str, float]:
     """Sample and score a group per prompt (or edit pair), then update the policy on them."""
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 3, step]).generate_state(1)[0]))
@@ -485,23 +544,26 @@ def grpo_step(pipe, policy, reference, task: GRPOTask, items: list, optimizer, p
     }
 
 
-def policy_update(ar, reference, vocab: ImageVocab, rollouts: Rollouts, rewards: torch.Tensor, optimizer, params, cfg: GRPOConfig) -> dict[str, float]:
+def policy_update(
+    policy: Policy, reference: Policy, vocab: ImageVocab, rollouts: Rollouts, rewards: torch.Tensor, optimizer, params, cfg: GRPOConfig
+) -> dict[str, float]:
     """`updates_per_batch` optimizer steps of the clipped objective on one batch of scored rollouts (groups of
-    `num_generations` consecutive rollouts)."""
+    `num_generations` consecutive rollouts). Also reports `hidden_drift` of the sampling policy."""
     advantages = group_advantages(rewards.to(rollouts.codes.device), cfg.num_generations)
     inputs = (vocab, rollouts.input_ids, rollouts.attention_mask, rollouts.codes, cfg.temperature)
     with torch.no_grad():
-        ref_logp = token_logprobs(reference, *inputs)
+        ref_logp, ref_hidden = reference.token_logprobs(*inputs)
     old_logp = None  # the sampling policy's log-probs: those of the first update, before any step
     for _ in range(cfg.updates_per_batch):
-        logp = token_logprobs(ar, *inputs)
-        old_logp = logp.detach() if old_logp is None else old_logp
+        logp, hidden = policy.token_logprobs(*inputs)
+        if old_logp is None:
+            old_logp, drift = logp.detach(), hidden_drift(hidden.detach(), ref_hidden)
         loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, cfg.epsilon, cfg.beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
-    return {"loss": loss.item(), "grad_norm": float(grad_norm), **stats}
+    return {"loss": loss.item(), "grad_norm": float(grad_norm), "hidden_drift": drift, **stats}
 
 
 def _evaluated_step(path: Path) -> int | None:

@@ -36,8 +36,9 @@ from .vae import spatial_compression
 
 CONFIG_NAME = "blip3o_config.json"
 SUBFOLDERS = ("tokenizer", "image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler")
-# image_embedding: only with a semantic blueprint; the others only in models trained to edit.
-OPTIONAL_SUBFOLDERS = ("image_embedding", "reference_connector", "edit_ar")
+# image_embedding: only with a semantic blueprint; reference_connector and edit_ar only in models trained to edit;
+# reader_ar (and with a semantic blueprint reader_embedding) only in models tuned by GRPO with a reader.
+OPTIONAL_SUBFOLDERS = ("image_embedding", "reference_connector", "edit_ar", "reader_ar", "reader_embedding")
 IMAGE_TOKENIZERS = {cls.__name__: cls for cls in (ImageTokenizer, SemanticEncoder, TATok)}
 
 
@@ -135,6 +136,8 @@ class Blip3oNext(nn.Module):
         image_embedding: SemanticEmbedding | None = None,
         reference_connector: Connector | None = None,
         edit_ar: Qwen3ForCausalLM | None = None,
+        reader_ar: Qwen3ForCausalLM | None = None,
+        reader_embedding: SemanticEmbedding | None = None,
     ):
         super().__init__()
         self.config = config
@@ -148,6 +151,11 @@ class Blip3oNext(nn.Module):
         self.image_embedding = image_embedding
         self.reference_connector = reference_connector
         self.edit_ar = edit_ar
+        # The reader: a frozen copy of the AR side the renderer was trained with. It re-reads each written blueprint
+        # in one teacher-forced pass, and its hidden states condition the renderer, so that RL can move the writer
+        # (`ar`, `image_embedding`) without moving the renderer's input (`reader_states`).
+        self.reader_ar = reader_ar
+        self.reader_embedding = reader_embedding
         self.image_vocab = ImageVocab.from_tokenizer(tokenizer, image_tokenizer.codebook_size)
         self._check_parts()
 
@@ -183,6 +191,18 @@ class Blip3oNext(nn.Module):
         """The AR model that writes blueprints for edits (`edits` True) or for text to image."""
         return self.edit_ar if edits and self.edit_ar is not None else self.ar
 
+    def add_reader(self) -> None:
+        """Freeze a copy of the current AR side (`ar`, `image_embedding`) as the reader the renderer reads through
+        from now on; a model that already has one keeps it (the renderer was trained on that one's states)."""
+        if self.reader_ar is None:
+            self.reader_ar = copy.deepcopy(self.ar).requires_grad_(False)
+            self.reader_embedding = None if self.image_embedding is None else copy.deepcopy(self.image_embedding).requires_grad_(False)
+            self._check_parts()
+
+    def reader_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The reader's last-layer hidden states (B, T, H) over whole sequences (prompt and blueprint)."""
+        return ar_hidden_states(self.reader_ar, input_ids, attention_mask, self.image_vocab, self.reader_embedding)
+
     def _check_parts(self) -> None:
         """Fail loudly, showing both numbers, when the parts do not fit together."""
         # With a semantic blueprint the AR model's table holds the text rows, and image_embedding the image rows.
@@ -205,6 +225,15 @@ class Blip3oNext(nn.Module):
         if self.edit_ar is not None:
             checks += [("edit_ar hidden size", self.edit_ar.config.hidden_size, "==", self.ar.config.hidden_size),
                        ("edit_ar vocabulary", self.edit_ar.config.vocab_size, "==", self.ar.config.vocab_size)]
+        if self.reader_ar is not None:
+            checks += [("reader_ar hidden size", self.reader_ar.config.hidden_size, "==", self.ar.config.hidden_size),
+                       ("reader_ar vocabulary", self.reader_ar.config.vocab_size, "==", self.ar.config.vocab_size)]
+            if self.edit_ar is not None:
+                raise ValueError("a reader re-reads what `ar` writes; a model with a separate edit_ar has no reader")
+            if (self.reader_embedding is not None) != self.semantic:
+                raise ValueError(f"the reader of a {'semantic' if self.semantic else 'VQ'} blueprint {'needs' if self.semantic else 'has no'} reader_embedding")
+        elif self.reader_embedding is not None:
+            raise ValueError("reader_embedding comes with reader_ar")
         for name, got, op, want in checks:
             if (op == "==" and got != want) or (op == ">=" and got < want):
                 raise ValueError(f"{name} is {got}, must be {op} {want}")
@@ -259,6 +288,8 @@ class Blip3oNext(nn.Module):
         For edit samples (`is_edit` (B,) True), `reference_latents` (B, C, H, W) are the source image's latents;
         the other samples of the batch are text-to-image and are rendered without a reference."""
         hidden, token_log_p = self._ar_forward(input_ids, attention_mask, labels[:, 1:], is_edit)
+        if self.reader_ar is not None:  # the renderer reads the blueprint through the reader (see __init__)
+            hidden = self.reader_states(input_ids, attention_mask)
         valid = (labels[:, 1:] != -100).float()
         # Mean per sequence, then over the batch: the same loss however the batch is split across processes.
         ce = (-(token_log_p * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
@@ -406,6 +437,8 @@ class Blip3oNext(nn.Module):
             "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(p),
             "reference_connector": lambda p: Connector.from_pretrained(p, **weights, **dtype),
             "edit_ar": load_ar,
+            "reader_ar": load_ar,
+            "reader_embedding": lambda p: SemanticEmbedding.from_pretrained(p, **weights, **dtype),
         }
         parts = {}
         for name, load in loaders.items():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .autoregressive import SamplingConfig, forced_blueprint, prompt_ids, sample_blueprint
+from .autoregressive import Blueprint, SamplingConfig, forced_blueprint, prompt_ids, sample_blueprint
 from .diffusion import sample_latents
 from .fileio import to_rgb
 from .image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
@@ -292,6 +292,34 @@ class Pipeline:
             image = image.resize((size, size), Image.Resampling.BICUBIC)
         return np.asarray(image)
 
+    @torch.no_grad()
+    def sample_blueprints(
+        self, prompts: str | list[str], seed: int | None = None, generator: torch.Generator | None = None, sampling: SamplingConfig | None = None
+    ) -> torch.Tensor:
+        """The blueprints (B, N) the AR model writes for prompts, without rendering them (what the plan score and RL
+        on plan rewards read). Options as in `__call__`; the same seed writes the same blueprints as `__call__`."""
+        prompts = _texts(prompts, "prompt")
+        sampling = self._options(None, None, sampling, None, None, None)[2]
+        ids, mask = self.tokenize(prompts)
+        return self._blueprint(ids, mask, sampling, _generator(generator, seed)).codes.cpu()
+
+    def _blueprint(
+        self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, edits: bool = False,
+        blueprints: torch.Tensor | None = None,
+    ) -> Blueprint:
+        """The blueprint and the hidden states that condition the renderer: sampled in one cached pass, or for given
+        `blueprints` teacher-forced. A model with a reader (`Blip3oNext.add_reader`) re-reads the blueprint through
+        it in one teacher-forced pass, and the reader's states condition the renderer."""
+        model = self.model
+        if blueprints is None:
+            bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator,
+                                  self.ar_decoders[edits], model.image_embedding)
+            if model.reader_ar is None:
+                return bp
+            blueprints = bp.codes
+        ar, embedding = (model.reader_ar, model.reader_embedding) if model.reader_ar is not None else (model.ar_for(edits), model.image_embedding)
+        return forced_blueprint(ar, model.image_vocab, ids, mask, blueprints.to(ids.device, torch.long), embedding)
+
     def _render(
         self,
         ids: torch.Tensor,
@@ -312,12 +340,7 @@ class Pipeline:
         the reference's codes and pixels, cells the blueprint keeps stay at the reference latents), (4) decoding
         (with `preserve` and `edit_paste_unchanged`, those cells then take the reference's pixels)."""
         model = self.model
-        edits = reference_latents is not None
-        if blueprints is None:
-            bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator,
-                                  self.ar_decoders[edits], model.image_embedding)
-        else:
-            bp = forced_blueprint(model.ar_for(edits), model.image_vocab, ids, mask, blueprints.to(ids.device, torch.long), model.image_embedding)
+        bp = self._blueprint(ids, mask, sampling, generator, edits=reference_latents is not None, blueprints=blueprints)
         if model.config.condition_source == "prompt":  # the no-blueprint ablation: the prompt's states
             condition = model.condition(bp.prompt_hidden_states, mask)
         else:

@@ -12,6 +12,10 @@ and an optional fourth (weight 0 by default):
              when objects were asked. Partial credit charges all extras together one requirement at most, so a
              policy can buy matched objects with extra ones; precision charges each extra. (A penalty on extras
              alone, 1 / (1 + extras), was tried first: it paid for empty canvases, and the policy learned them.)
+Two more score the blueprint itself, for models that write semantic blueprints (weight 0 by default; they need no
+diffusion rollout, so a run that weighs only them samples blueprints and renders nothing):
+    plan          1 when the blueprint, decoded to its scene, passes the same check (semantic_blueprint.plan_score);
+    plan_partial  the decoded scene's partial credit (which counts the word's OCR reward where one is asked).
 The total is their weighted sum (ocr counted only where it applies).
 
 Edits (GRPO on the edit AR model) have their own three, each in [0, 1], scored against the edit pair's source:
@@ -32,13 +36,16 @@ import torch
 
 from .evaluation import parse_images
 from .scorers import check_edit, check_t2i
+from .semantic_blueprint import plan_score
 from .shapeworld.edits import EditPair
 from .shapeworld.prompts import Requirement
 from .shapeworld.render import render
 from .verifier import SceneParser
 
-REWARD_NAMES = ("strict", "partial", "ocr", "precision")
-DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0, "precision": 0.0}
+IMAGE_REWARD_NAMES = ("strict", "partial", "ocr", "precision")
+PLAN_REWARD_NAMES = ("plan", "plan_partial")
+REWARD_NAMES = (*IMAGE_REWARD_NAMES, *PLAN_REWARD_NAMES)
+DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0, "precision": 0.0, "plan": 0.0, "plan_partial": 0.0}
 EDIT_REWARD_NAMES = ("success", "partial", "consistency")
 DEFAULT_EDIT_REWARD_WEIGHTS = {"success": 1.0, "partial": 1.0, "consistency": 0.5}
 CONSISTENCY_PSNR_RANGE = (20.0, 40.0)  # dB mapped to a consistency reward of 0 and 1
@@ -71,24 +78,53 @@ def weighted_rewards(parts: dict[str, np.ndarray], weights: Mapping[str, float])
     return Rewards(total=torch.as_tensor(total, dtype=torch.float32), parts=parts)
 
 
+def uses_images(weights: Mapping[str, float]) -> bool:
+    """Whether any reward that reads rendered images has a weight (else rollouts need no diffusion)."""
+    return any(weights.get(name, 0.0) > 0 for name in IMAGE_REWARD_NAMES)
+
+
+def uses_plans(weights: Mapping[str, float]) -> bool:
+    """Whether any reward that reads semantic blueprints has a weight."""
+    return any(weights.get(name, 0.0) > 0 for name in PLAN_REWARD_NAMES)
+
+
 class VerifierReward:
-    """`reward(requirements, images)` -> Rewards, one per image (images may differ in size)."""
+    """`reward(requirements, images)` -> Rewards, one per image (images may differ in size); with `blueprints`
+    (semantic blueprint ids, one row per image) the plan rewards too. Rewards with weight 0 whose inputs are not
+    given are left out (`images=None` for plan-only rollouts)."""
 
     def __init__(self, weights: Mapping[str, float] | None = None, parser: SceneParser | None = None):
         self.weights = check_reward_weights(weights or {})
         self.parser = parser or SceneParser()
 
-    def __call__(self, requirements: Sequence[Requirement], images: Sequence[np.ndarray]) -> Rewards:
+    def __call__(
+        self, requirements: Sequence[Requirement], images: Sequence[np.ndarray] | None, blueprints: np.ndarray | None = None
+    ) -> Rewards:
+        parts: dict[str, np.ndarray] = {}
+        if images is not None or uses_images(self.weights):
+            parts |= self.image_parts(requirements, images if images is not None else [])
+        if blueprints is not None or uses_plans(self.weights):
+            parts |= plan_parts(requirements, blueprints if blueprints is not None else [])
+        return weighted_rewards(parts, self.weights)
+
+    def image_parts(self, requirements: Sequence[Requirement], images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         if len(requirements) != len(images):
             raise ValueError(f"{len(requirements)} requirements for {len(images)} images")
         results = [check_t2i(req, scene) for req, scene in zip(requirements, parse_images(list(images), self.parser))]
-        parts = {
+        return {
             "strict": np.array([float(r.passed) for r in results]),
             "partial": np.array([r.partial for r in results]),
             "ocr": np.array([np.nan if r.ocr is None else r.ocr for r in results]),
             "precision": np.array([r.precision for r in results]),
         }
-        return weighted_rewards(parts, self.weights)
+
+
+def plan_parts(requirements: Sequence[Requirement], blueprints: Sequence) -> dict[str, np.ndarray]:
+    """The plan rewards of semantic blueprints: each decoded to its scene and checked against its requirement."""
+    if len(requirements) != len(blueprints):
+        raise ValueError(f"{len(requirements)} requirements for {len(blueprints)} blueprints")
+    results = [plan_score(ids, req) for req, ids in zip(requirements, blueprints)]
+    return {"plan": np.array([float(r.passed) for r in results]), "plan_partial": np.array([r.partial for r in results])}
 
 
 def consistency_reward(psnr: float | None) -> float:
