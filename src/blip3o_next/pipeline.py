@@ -301,7 +301,15 @@ class Pipeline:
         prompts = _texts(prompts, "prompt")
         sampling = self._options(None, None, sampling, None, None, None)[2]
         ids, mask = self.tokenize(prompts)
-        return self._blueprint(ids, mask, sampling, _generator(generator, seed)).codes.cpu()
+        return self._written_blueprint(ids, mask, sampling, _generator(generator, seed)).codes.cpu()
+
+    def _written_blueprint(
+        self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, edits: bool = False
+    ) -> Blueprint:
+        """The blueprint the AR model (the edit AR model for `edits`) samples, with its own hidden states."""
+        model = self.model
+        return sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator,
+                                self.ar_decoders[edits], model.image_embedding)
 
     def _blueprint(
         self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, edits: bool = False,
@@ -312,8 +320,7 @@ class Pipeline:
         it in one teacher-forced pass, and the reader's states condition the renderer."""
         model = self.model
         if blueprints is None:
-            bp = sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator,
-                                  self.ar_decoders[edits], model.image_embedding)
+            bp = self._written_blueprint(ids, mask, sampling, generator, edits)
             if model.reader_ar is None:
                 return bp
             blueprints = bp.codes
