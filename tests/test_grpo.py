@@ -241,14 +241,15 @@ def test_rollouts_of_a_prompt_share_their_starting_noise():
     assert np.array_equal(*images[True]) and not np.array_equal(*images[False])
 
 
-def test_one_grpo_step_on_the_bundled_model_changes_only_the_ar(tmp_path):
+def test_one_grpo_step_on_the_bundled_model_changes_only_the_policy(tmp_path):
+    """The bundled `tiny` writes semantic blueprints: its policy is the AR model and its image embedding."""
     cfg = GRPOConfig(output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, num_generations=3, num_inference_steps=2,
                      lr=1e-3, eval_per_category=0, checkpoint_every=1)
     out = train_grpo(cfg)
     before = Blip3oNext.from_pretrained(BUNDLED_MODELS["tiny"], torch_dtype=torch.float32).state_dict()
     after = Blip3oNext.from_pretrained(out / "final", torch_dtype=torch.float32).state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"ar"}
+    assert changed == {"ar", "image_embedding"}
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2 and "reward_strict" in rows[0]
     assert any(f"reward_{c}" in rows[0] for c in ("position", "color_attr", "text", "dense", "composition"))  # per category too

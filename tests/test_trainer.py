@@ -14,7 +14,8 @@ import yaml
 
 from blip3o_next.fileio import InputError
 from blip3o_next.modeling import Blip3oNext
-from blip3o_next.trainer import TrainConfig, latest_checkpoint, param_groups, train
+from blip3o_next.grpo import GRPOConfig
+from blip3o_next.trainer import Recipe, TrainConfig, is_recipe, latest_checkpoint, param_groups, read_stage, train
 
 from conftest import small_configs
 
@@ -169,3 +170,18 @@ def test_lr_scales_give_prefixed_parameters_their_own_learning_rate():
     assert groups[0]["params"][0] is module["old"].weight
     with pytest.raises(ValueError, match="lr_scales: no parameter name starts with 'nwe'"):
         param_groups(module, 1e-3, {"nwe": 10.0})
+
+
+COMMITTED_CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_committed_config_loads(path):
+    """A recipe names stage files that exist; a stage file holds only known settings with valid values."""
+    if is_recipe(path):
+        recipe = Recipe.from_yaml(path)
+        assert recipe.stages and all(Path(stage).is_file() for stage in recipe.stages)
+    elif read_stage(path) == "grpo":
+        GRPOConfig.from_yaml(path)
+    else:
+        TrainConfig.from_yaml(path)

@@ -488,7 +488,7 @@ def _add_preserve_arg(parser: argparse.ArgumentParser) -> None:
 def _add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute; bfloat16 ran 1.3-2x faster on a CPU with AVX-512 BF16 and scored like float32 "
-                             "(GenEval of tiny 0.264 vs 0.263; edit success of tiny-edit with --no-preserve 0.122 vs 0.119), but its images differ in detail")
+                             "(GenEval of a VQ-blueprint model 0.264 vs 0.263; edit success of tiny-edit with --no-preserve 0.122 vs 0.119), but its images differ in detail")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the AR step and the diffusion transformer: faster images after a one-off compilation "
                              "of tens of seconds per batch size; worth it for many images, not for one")
@@ -532,12 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = commands.add_parser(
         "train", help="run a training stage (image_tokenizer, semantic_tokenizer, vae, pretrain, sft, edit_sft, grpo) or a whole recipe from YAML", formatter_class=fmt,
-        description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the text-to-image "
-        "model from scratch; configs/tiny/rl_recipe.yaml then tunes it with GRPO into the bundled tiny). Each stage resumes from the newest checkpoint in its output folder. Runs under "
-        "`accelerate launch` or `torchrun` for several processes. `blip3o train grpo --config configs/tiny/6_grpo.yaml` "
-        "runs reinforcement learning (GRPO on the AR model with verifier rewards; settings: blip3o_next.grpo.GRPOConfig); "
-        "configs/tiny/6_semantic_grpo.yaml tunes a semantic-blueprint model on plan rewards (no diffusion in the rollouts); "
-        "configs/tiny/7_edit_grpo.yaml (`task: edit`) runs it on an edit model's edit AR model with edit rewards.",
+        description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the semantic-blueprint "
+        "text-to-image model from scratch; configs/tiny/rl_recipe.yaml then tunes it with GRPO into the bundled tiny; "
+        "configs/tiny/edit_recipe.yaml trains the VQ-blueprint model and its editing, the bundled tiny-edit). Each stage "
+        "resumes from the newest checkpoint in its output folder. Runs under `accelerate launch` or `torchrun` for several "
+        "processes. `blip3o train grpo --config CONFIG` runs reinforcement learning (GRPO on the AR model; settings: "
+        "blip3o_next.grpo.GRPOConfig): configs/tiny/6_semantic_grpo.yaml tunes a semantic-blueprint model on plan rewards "
+        "(no diffusion in the rollouts), configs/tiny/6_grpo.yaml a VQ-blueprint model on rendered images with verifier "
+        "rewards, configs/tiny/7_edit_grpo.yaml (`task: edit`) an edit model's edit AR model with edit rewards.",
     )
     tr.add_argument("kind", nargs="?", choices=("grpo",), help="grpo: reinforcement learning (also chosen by `stage: grpo` in the YAML)")
     tr.add_argument("--config", required=True, metavar="YAML",

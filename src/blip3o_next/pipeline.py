@@ -36,8 +36,9 @@ from .vae import decode_latents, encode_latents
 
 logger = logging.getLogger(__name__)
 
-# Shipped with the package (float16). "tiny" is the text-to-image model after GRPO (docs/rl.md); "tiny-edit" is it
-# after edit SFT. It also generates, with tiny's AR model unchanged (docs/editing.md).
+# Shipped with the package (float16). "tiny" is the semantic-blueprint text-to-image model after GRPO
+# (docs/semantic_blueprint.md, docs/rl_semantic.md); "tiny-edit" is the VQ-blueprint model after GRPO (docs/rl.md) and
+# edit SFT (docs/editing.md). It also generates, with that model's AR model unchanged.
 BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / name for name in ("tiny", "tiny-edit")}
 
 
