@@ -537,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`accelerate launch` or `torchrun` for several processes. `blip3o train grpo --config configs/tiny/6_grpo.yaml` "
         "runs reinforcement learning (GRPO on the AR model with verifier rewards; settings: blip3o_next.grpo.GRPOConfig); "
         "configs/tiny/6_semantic_grpo.yaml tunes a semantic-blueprint model on plan rewards (no diffusion in the rollouts); "
-        "configs/tiny/7_edit_grpo.yaml (`task: edit`) runs it on an edit model's edit AR model with edit rewards.",
+        "configs/tiny/7_edit_grpo.yaml (`task: edit`) runs it on an edit model's edit AR model with edit rewards. "
+        "An sft config with `lora: {rank: 16, alpha: 32, parts: [ar, transformer]}` trains LoRA adapters only (peft; "
+        "configs/tiny/ablations/lora_sft.yaml): final/ is then the merged model, final/adapters/<part>/ the adapters.",
     )
     tr.add_argument("kind", nargs="?", choices=("grpo",), help="grpo: reinforcement learning (also chosen by `stage: grpo` in the YAML)")
     tr.add_argument("--config", required=True, metavar="YAML",

@@ -5,9 +5,10 @@ Reads like nanoGPT's train.py: settings, data, model, optimizer, then the loop. 
 position: every step takes the next `batch_size` samples and each process its contiguous slice, so a run with
 N processes sees exactly the batches of a single-process run.
 
-Checkpoints (`output_dir/checkpoint-<step>/`) hold the model in its Hugging Face format, the optimizer state
-and RNG states in safetensors, and the step, data position and LR-scheduler state in JSON. They are written to a
-temporary folder and renamed into place, so a run killed at any moment resumes from the last complete one.
+Checkpoints (`output_dir/checkpoint-<step>/`) hold the model in its Hugging Face format (LoRA SFT: only the
+adapters, in peft's format), the optimizer state and RNG states in safetensors, and the step, data position and
+LR-scheduler state in JSON. They are written to a temporary folder and renamed into place, so a run killed at any
+moment resumes from the last complete one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .fileio import InputError, write_json
+
+if TYPE_CHECKING:
+    from .lora import LoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,12 @@ class TrainConfig:
     train_only: list[str] | None = field(
         default=None, metadata={"help": "train only parameters whose names start with one of these prefixes (e.g. [decoder]); the rest stay frozen"}
     )
+    lora: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "sft: train LoRA adapters only, every base weight frozen ({rank, alpha, dropout, parts: [ar, transformer], "
+                  "target_modules: {part: [names]}}; blip3o_next.lora.LoraSettings). Checkpoints hold the adapters; final/ is the "
+                  "merged model, final/adapters/<part>/ the adapters (peft format)"},
+    )
     lr_scales: dict[str, float] | None = field(
         default=None, metadata={"help": "LR multipliers for parameters whose names start with these prefixes (e.g. {reference_connector: 10})"}
     )
@@ -100,6 +110,19 @@ class TrainConfig:
             raise ValueError(f"edit_fraction must be in (0, 1) so that every batch mixes edits and t2i, got {self.edit_fraction}")
         if self.stage == "pretrain" and not (self.text_tokenizer_dir and self.image_tokenizer_dir and self.vae_dir):
             raise ValueError("the pretrain stage needs text_tokenizer_dir, image_tokenizer_dir and vae_dir")
+        if self.lora is not None:
+            self.lora_settings()  # a bad setting fails here, before any model loads
+
+    def lora_settings(self) -> LoraSettings:
+        """The `lora` mapping, checked: only SFT adapts a trained model (pretrain's parts start random, and edit SFT's
+        new parts have no base weights to adapt), and LoRA decides alone what trains."""
+        from .lora import LoraSettings
+
+        if self.stage != "sft":
+            raise ValueError(f"lora is for the sft stage, not {self.stage}")
+        if self.train_only:
+            raise ValueError("lora trains the adapters only; leave train_only unset")
+        return LoraSettings.from_dict(self.lora)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
@@ -239,6 +262,8 @@ class Stage(Protocol):
 
     def load_weights(self, path: Path) -> None: ...
 
+    def save_final(self, module: nn.Module, path: Path) -> None: ...
+
     def preview(self, module: nn.Module, samples: list[dict]) -> np.ndarray: ...
 
 
@@ -258,6 +283,10 @@ class PretrainedModuleStage:
 
     def load_weights(self, path: Path) -> None:
         self.module.load_state_dict(type(self.module).from_pretrained(path, use_safetensors=True).state_dict())
+
+    def save_final(self, module: nn.Module, path: Path) -> None:
+        """The finished run's `final/`: the module as a checkpoint holds it."""
+        self.save(module, path)
 
 
 class ImageTokenizerStage(PretrainedModuleStage):
@@ -489,7 +518,40 @@ class EditStage(ModelStage):
         return np.stack(strips)
 
 
+class LoraStage(ModelStage):
+    """SFT through LoRA adapters (`lora.py`): only the adapters train. A checkpoint's model folder holds just the
+    adapters, one folder per part; `final/` is the merged model, which loads as any other, with the adapters
+    beside it in `final/adapters/<part>/`. The adapters live in the module's parts; `self.adapters` are peft's
+    handles on them, which save and merge them."""
+
+    def __init__(self, cfg: TrainConfig):
+        from .lora import add_adapters
+
+        super().__init__(cfg)
+        self.adapters = add_adapters(self.module, cfg.lora_settings())
+
+    def save(self, module: nn.Module, path: Path) -> None:
+        from .lora import save_adapters
+
+        save_adapters(self.adapters, path)
+
+    def load_weights(self, path: Path) -> None:
+        from .lora import restore_adapter_weights
+
+        restore_adapter_weights(self.adapters, path)
+
+    def save_final(self, module: nn.Module, path: Path) -> None:
+        from .lora import merge_adapters, save_adapters
+
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the merged model's save replaces `path` whole
+            save_adapters(self.adapters, Path(tmp) / "adapters")
+            merge_adapters(module, self.adapters).save_pretrained(path)
+            shutil.move(Path(tmp) / "adapters", path / "adapters")
+
+
 def make_stage(cfg: TrainConfig) -> Stage:
+    if cfg.lora is not None:
+        return LoraStage(cfg)
     stages = {"image_tokenizer": ImageTokenizerStage, "semantic_tokenizer": SemanticTokenizerStage, "vae": VaeStage, "pretrain": ModelStage, "sft": ModelStage, "edit_sft": EditStage}
     return stages[cfg.stage](cfg)
 
@@ -688,7 +750,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     check_replicas(accelerator, params, out)
     if step >= cfg.steps and accelerator.is_main_process:
         with averaged_weights(ema, params):
-            stage.save(accelerator.unwrap_model(model), out / "final")
+            stage.save_final(accelerator.unwrap_model(model), out / "final")
     accelerator.wait_for_everyone()
     return out
 
