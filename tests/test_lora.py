@@ -32,14 +32,6 @@ def batch_loss(model: Blip3oNext, batch) -> torch.Tensor:
     return model(ids, mask, labels, latents, torch.Generator().manual_seed(7)).loss
 
 
-@pytest.fixture(scope="module")
-def base_dir(model_and_batch, tmp_path_factory) -> Path:
-    """The tiny model saved as the folder an SFT stage starts from."""
-    path = tmp_path_factory.mktemp("base") / "model"
-    model_and_batch[0].save_pretrained(path)
-    return path
-
-
 def sft_config(base_dir: Path, out: Path, **kw) -> TrainConfig:
     base = {"stage": "sft", "output_dir": str(out), "init_from": str(base_dir), "steps": 4, "batch_size": 2, "lr": 1e-2,
             "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "lora": LORA}
