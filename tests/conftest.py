@@ -1,4 +1,5 @@
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ from transformers import PreTrainedTokenizerFast
 
 from blip3o_next.autoregressive import build_sequences
 from blip3o_next.image_tokenizer import images_to_tensor
-from blip3o_next.modeling import build_model, tiny_parts_configs
+from blip3o_next.modeling import Blip3oNext, build_model, tiny_parts_configs
+from blip3o_next.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.text_tokenizer import train_text_tokenizer
 from blip3o_next.vae import encode_latents
@@ -43,3 +45,21 @@ def model_and_batch():
     with torch.no_grad():
         latents = encode_latents(model.vae, images)
     return model.eval(), (ids, mask, labels, latents)
+
+
+@pytest.fixture(scope="module")
+def base_dir(model_and_batch, tmp_path_factory) -> Path:
+    """The tiny model saved as the folder an SFT stage starts from."""
+    path = tmp_path_factory.mktemp("base") / "model"
+    model_and_batch[0].save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def semantic_model() -> Blip3oNext:
+    """A toy model with a semantic blueprint, its encoder random (it reads images into valid blueprints all the same)."""
+    corpus = ["a photo of two red circles above a blue star", "the word HI", "make the green cross bigger"] * 30
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_text_tokenizer(corpus, vocab_size=300), pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    encoder = SemanticEncoder(channels=(8, 8, 8, 8), width=16, layers=1, attention_heads=2)
+    return build_model(tok, small_configs(0, semantic=True), image_tokenizer=encoder).eval()

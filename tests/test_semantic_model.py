@@ -10,7 +10,6 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from blip3o_next.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, sample_blueprint, sample_categorical
 from blip3o_next.cli import main
@@ -18,7 +17,7 @@ from blip3o_next.connector import Connector
 from blip3o_next.fileio import InputError
 from blip3o_next.grpo import GRPOConfig, Policy, Rollouts, policy_update, train_grpo
 from blip3o_next.image_tokenizer import images_to_tensor
-from blip3o_next.modeling import Blip3oNext, build_model
+from blip3o_next.modeling import Blip3oNext
 from blip3o_next.pipeline import Pipeline
 from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, decode_tokens, encode_scene, preview
 from blip3o_next.semantic_embedding import MIN_SPACE, SemanticEmbedding, token_log_probs
@@ -26,22 +25,12 @@ from blip3o_next.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.sampler import sample_scene
 from blip3o_next.shapeworld.world import Scene
-from blip3o_next.text_tokenizer import train_text_tokenizer
 from blip3o_next.trainer import TrainConfig, latest_checkpoint, train
 from blip3o_next.vae import encode_latents
 
 from conftest import small_configs
 
 PROMPTS = ["a photo of a red circle left of a blue star", "a photo of the word \"HI\""]
-
-
-@pytest.fixture(scope="module")
-def semantic_model() -> Blip3oNext:
-    corpus = ["a photo of two red circles above a blue star", "the word HI", "make the green cross bigger"] * 30
-    tok = PreTrainedTokenizerFast(tokenizer_object=train_text_tokenizer(corpus, vocab_size=300), pad_token="<pad>", eos_token="<eos>")
-    torch.manual_seed(0)
-    encoder = SemanticEncoder(channels=(8, 8, 8, 8), width=16, layers=1, attention_heads=2)
-    return build_model(tok, small_configs(0, semantic=True), image_tokenizer=encoder).eval()
 
 
 def batch(model: Blip3oNext, n: int = 2):

@@ -539,7 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
         "processes. `blip3o train grpo --config CONFIG` runs reinforcement learning (GRPO on the AR model; settings: "
         "blip3o_next.grpo.GRPOConfig): configs/tiny/6_semantic_grpo.yaml tunes a semantic-blueprint model on plan rewards "
         "(no diffusion in the rollouts), configs/tiny/6_grpo.yaml a VQ-blueprint model on rendered images with verifier "
-        "rewards, configs/tiny/7_edit_grpo.yaml (`task: edit`) an edit model's edit AR model with edit rewards.",
+        "rewards, configs/tiny/7_edit_grpo.yaml (`task: edit`) an edit model's edit AR model with edit rewards. "
+        "An sft config with `lora: {rank: 16, alpha: 32, parts: [ar, transformer]}` trains LoRA adapters only (peft; "
+        "configs/tiny/ablations/lora_sft.yaml): final/ is then the merged model, final/adapters/<part>/ the adapters. "
+        "`data: shards/{00000..00099}.tar` (a folder, glob or brace pattern) trains on your own WebDataset shards in "
+        "img2dataset's layout (image + txt caption, or json 'caption'; edit_sft: source.<ext> + target.<ext> + instruction) "
+        "instead of the data engine (configs/tiny/ablations/own_data_sft.yaml).",
     )
     tr.add_argument("kind", nargs="?", choices=("grpo",), help="grpo: reinforcement learning (also chosen by `stage: grpo` in the YAML)")
     tr.add_argument("--config", required=True, metavar="YAML",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -37,27 +38,36 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def load_image(path: str | os.PathLike, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
     """Load an image as an (H, W, 3) uint8 array, converting convertible modes; raise InputError otherwise."""
-    path = Path(path)
+    return _read_image(Path(path), str(path), max_side)
+
+
+def decode_image(data: bytes, name: str, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+    """An image file's bytes (e.g. a member of a tar shard) as load_image reads a file; errors name `name`."""
+    return _read_image(io.BytesIO(data), name, max_side)
+
+
+def _read_image(source: Path | io.BytesIO, name: str, max_side: int) -> np.ndarray:
+    """Decode `source` fully (a truncated or corrupt file fails here, not later) and convert it to RGB."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if max(w, h) > max_side:
-                    raise InputError(f"{path}: image is {w}x{h}, larger than the {max_side} px limit")
+                    raise InputError(f"{name}: image is {w}x{h}, larger than the {max_side} px limit")
                 im.load()
                 return np.asarray(to_rgb(im))
     except InputError:
         raise
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        raise InputError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not an image") from None
+        raise InputError(f"{name}: is a directory, not an image") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{path}: image is too large to decode safely") from None
+        raise InputError(f"{name}: image is too large to decode safely") from None
     except (OSError, ValueError, SyntaxError) as e:  # unidentified, truncated or corrupt files
         reason = str(e).split("\n")[0] or type(e).__name__
-        raise InputError(f"{path}: not a readable image ({reason})") from None
+        raise InputError(f"{name}: not a readable image ({reason})") from None
 
 
 def load_square_image(path: str | os.PathLike) -> np.ndarray:

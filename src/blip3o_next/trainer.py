@@ -2,12 +2,14 @@
 
 Reads like nanoGPT's train.py: settings, data, model, optimizer, then the loop. Runs unchanged under
 `accelerate launch` or `torchrun` (DDP; gloo on CPU). The data is one global stream indexed by sample
-position: every step takes the next `batch_size` samples and each process its contiguous slice, so a run with
-N processes sees exactly the batches of a single-process run.
+position (the data engine's, or with `data:` your own shards', `own_data.py`): every step takes the next `batch_size`
+samples and each process its contiguous slice, so a run with N processes sees exactly the batches of a single-process
+run.
 
-Checkpoints (`output_dir/checkpoint-<step>/`) hold the model in its Hugging Face format, the optimizer state
-and RNG states in safetensors, and the step, data position and LR-scheduler state in JSON. They are written to a
-temporary folder and renamed into place, so a run killed at any moment resumes from the last complete one.
+Checkpoints (`output_dir/checkpoint-<step>/`) hold the model in its Hugging Face format (LoRA SFT: only the
+adapters, in peft's format), the optimizer state and RNG states in safetensors, and the step, data position and
+LR-scheduler state in JSON. They are written to a temporary folder and renamed into place, so a run killed at any
+moment resumes from the last complete one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -41,9 +43,14 @@ from tqdm.auto import tqdm
 
 from .fileio import InputError, write_json
 
+if TYPE_CHECKING:
+    from .lora import LoraSettings
+    from .own_data import OwnData
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("image_tokenizer", "semantic_tokenizer", "vae", "pretrain", "sft", "edit_sft")
+SCENE_STAGES = ("image_tokenizer", "semantic_tokenizer")  # their losses read the data engine's scenes
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -77,6 +84,12 @@ class TrainConfig:
     train_only: list[str] | None = field(
         default=None, metadata={"help": "train only parameters whose names start with one of these prefixes (e.g. [decoder]); the rest stay frozen"}
     )
+    lora: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "sft: train LoRA adapters only, every base weight frozen ({rank, alpha, dropout, parts: [ar, transformer], "
+                  "target_modules: {part: [names]}}; blip3o_next.lora.LoraSettings). Checkpoints hold the adapters; final/ is the "
+                  "merged model, final/adapters/<part>/ the adapters (peft format)"},
+    )
     lr_scales: dict[str, float] | None = field(
         default=None, metadata={"help": "LR multipliers for parameters whose names start with these prefixes (e.g. {reference_connector: 10})"}
     )
@@ -86,6 +99,13 @@ class TrainConfig:
     parts: dict[str, Any] = field(default_factory=dict, metadata={"help": "overrides of the tiny preset's part configs"})
     model: dict[str, Any] = field(default_factory=dict, metadata={"help": "Blip3oNextConfig fields (loss weights, dropout)"})
     max_prompt_tokens: int = field(default=64, metadata={"help": "longer captions keep their first tokens"})
+    data: str | None = field(
+        default=None,
+        metadata={"help": "train on your own WebDataset tar shards instead of the data engine: a folder of .tar files, a glob, or a "
+                  "brace pattern (shards/{00000..00099}.tar), in img2dataset's layout (jpg/png/webp + txt, or json 'caption'; "
+                  "edit_sft also source.<ext> + target.<ext> + instruction). Seeded shuffle per epoch, resumes exactly; "
+                  "blip3o_next.own_data. The data engine's settings (category weights, paraphrases, edit_fraction) then do nothing"},
+    )
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -100,6 +120,21 @@ class TrainConfig:
             raise ValueError(f"edit_fraction must be in (0, 1) so that every batch mixes edits and t2i, got {self.edit_fraction}")
         if self.stage == "pretrain" and not (self.text_tokenizer_dir and self.image_tokenizer_dir and self.vae_dir):
             raise ValueError("the pretrain stage needs text_tokenizer_dir, image_tokenizer_dir and vae_dir")
+        if self.lora is not None:
+            self.lora_settings()  # a bad setting fails here, before any model loads
+        if self.data is not None and self.stage in SCENE_STAGES:
+            raise ValueError(f"the {self.stage} stage learns from the data engine's scenes, which own data has none of; leave data unset")
+
+    def lora_settings(self) -> LoraSettings:
+        """The `lora` mapping, checked: only SFT adapts a trained model (pretrain's parts start random, and edit SFT's
+        new parts have no base weights to adapt), and LoRA decides alone what trains."""
+        from .lora import LoraSettings
+
+        if self.stage != "sft":
+            raise ValueError(f"lora is for the sft stage, not {self.stage}")
+        if self.train_only:
+            raise ValueError("lora trains the adapters only; leave train_only unset")
+        return LoraSettings.from_dict(self.lora)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
@@ -239,6 +274,8 @@ class Stage(Protocol):
 
     def load_weights(self, path: Path) -> None: ...
 
+    def save_final(self, module: nn.Module, path: Path) -> None: ...
+
     def preview(self, module: nn.Module, samples: list[dict]) -> np.ndarray: ...
 
 
@@ -258,6 +295,10 @@ class PretrainedModuleStage:
 
     def load_weights(self, path: Path) -> None:
         self.module.load_state_dict(type(self.module).from_pretrained(path, use_safetensors=True).state_dict())
+
+    def save_final(self, module: nn.Module, path: Path) -> None:
+        """The finished run's `final/`: the module as a checkpoint holds it."""
+        self.save(module, path)
 
 
 class ImageTokenizerStage(PretrainedModuleStage):
@@ -335,7 +376,7 @@ class SemanticTokenizerStage(PretrainedModuleStage):
 class VaeStage(PretrainedModuleStage):
     """DC-AE trained as a plain autoencoder (DC-AE has no KL term), L1 + MSE."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, own: OwnData | None = None):
         from diffusers import AutoencoderDC
 
         from .vae import tiny_vae_config
@@ -344,13 +385,16 @@ class VaeStage(PretrainedModuleStage):
             self.module = AutoencoderDC.from_pretrained(cfg.init_from, torch_dtype=torch.float32, use_safetensors=True)
         else:
             self.module = AutoencoderDC(**{**tiny_vae_config(), **cfg.parts.get("vae", {})})
-        self.calibration_seed, self.canvas = cfg.seed + 20_000, cfg.canvas
+        self.calibration_seed, self.canvas, self.own = cfg.seed + 20_000, cfg.canvas, own
 
     @functools.cached_property
     def calibration_images(self) -> torch.Tensor:
-        """256 fixed images (the same on resume) on which every save calibrates the latent scaling factor."""
+        """256 fixed images (the same on resume) on which every save calibrates the latent scaling factor: the
+        training data's, so the latents the diffusion model learns have unit variance on the images it will see."""
         from .shapeworld.dataset import t2i_samples
 
+        if self.own is not None:
+            return _images([self.own.sample(i, self.calibration_seed) for i in range(256)])
         return _images(list(islice(t2i_samples(self.calibration_seed, self.canvas), 256)))
 
     def save(self, module: nn.Module, path: Path) -> None:
@@ -413,14 +457,15 @@ class ModelStage(PretrainedModuleStage):
         core.image_tokenizer.eval()  # frozen: eval mode also stops the VQ codebook's EMA updates
         core.vae.eval()
         device = next(p for p in model.parameters() if p.requires_grad).device
-        if core.semantic:
+        exact = core.semantic and all("scene" in s for s in samples)
+        if exact:
             samples, codes = self.exact_blueprints(samples)
             codes = codes.to(device)
         x = _images(samples).to(device)
         is_edit = torch.tensor(["reference" in s for s in samples], device=device)
         reference_codes, reference_latents = None, None
         with torch.no_grad():
-            if not core.semantic:
+            if not exact:  # VQ codes; or own data's semantic blueprints, as the model's own encoder reads its images
                 codes = core.image_tokenizer.encode(x)
             latents = encode_latents(core.vae, x)
             if is_edit.any():  # only the edit rows' references are encoded; t2i rows keep placeholders the model never reads
@@ -438,8 +483,8 @@ class ModelStage(PretrainedModuleStage):
     @staticmethod
     def exact_blueprints(samples: list[dict]) -> tuple[list[dict], torch.Tensor]:
         """A semantic blueprint's training targets: the exact blueprints of the samples' scenes (the data engine
-        knows them; the encoder reads only images without a scene). Scenes the codec cannot write are skipped
-        (about 1 in 20,000: a one-letter word beside a small shape, both anchored in one cell)."""
+        knows them; `loss` lets the encoder read images without a scene, such as own data's). Scenes the codec cannot
+        write are skipped (about 1 in 20,000: a one-letter word beside a small shape, both anchored in one cell)."""
         from .semantic_blueprint import encode_scene
         from .shapeworld.world import Scene
 
@@ -489,7 +534,43 @@ class EditStage(ModelStage):
         return np.stack(strips)
 
 
-def make_stage(cfg: TrainConfig) -> Stage:
+class LoraStage(ModelStage):
+    """SFT through LoRA adapters (`lora.py`): only the adapters train. A checkpoint's model folder holds just the
+    adapters, one folder per part; `final/` is the merged model, which loads as any other, with the adapters
+    beside it in `final/adapters/<part>/`. The adapters live in the module's parts; `self.adapters` are peft's
+    handles on them, which save and merge them."""
+
+    def __init__(self, cfg: TrainConfig):
+        from .lora import add_adapters
+
+        super().__init__(cfg)
+        self.adapters = add_adapters(self.module, cfg.lora_settings())
+
+    def save(self, module: nn.Module, path: Path) -> None:
+        from .lora import save_adapters
+
+        save_adapters(self.adapters, path)
+
+    def load_weights(self, path: Path) -> None:
+        from .lora import restore_adapter_weights
+
+        restore_adapter_weights(self.adapters, path)
+
+    def save_final(self, module: nn.Module, path: Path) -> None:
+        from .lora import merge_adapters, save_adapters
+
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the merged model's save replaces `path` whole
+            save_adapters(self.adapters, Path(tmp) / "adapters")
+            merge_adapters(module, self.adapters).save_pretrained(path)
+            shutil.move(Path(tmp) / "adapters", path / "adapters")
+
+
+def make_stage(cfg: TrainConfig, own: OwnData | None = None) -> Stage:
+    """The stage `cfg` trains; `own` is its own data, which the VAE stage also calibrates its latent scale on."""
+    if cfg.lora is not None:
+        return LoraStage(cfg)
+    if cfg.stage == "vae":
+        return VaeStage(cfg, own)
     stages = {"image_tokenizer": ImageTokenizerStage, "semantic_tokenizer": SemanticTokenizerStage, "vae": VaeStage, "pretrain": ModelStage, "sft": ModelStage, "edit_sft": EditStage}
     return stages[cfg.stage](cfg)
 
@@ -579,8 +660,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def global_batch(cfg: TrainConfig, position: int, rank: int, world: int) -> list[dict]:
-    """This process's contiguous slice of the global batch starting at `position` in the sample stream.
+def global_batch(cfg: TrainConfig, position: int, rank: int, world: int, own: OwnData | None = None) -> list[dict]:
+    """This process's contiguous slice of the global batch starting at `position` in the sample stream: the data
+    engine's, or `own` data's (`cfg.data`), which is indexed by position the same way.
 
     Each sample carries its stream index, which keys its training noise (see `sample_generators`).
     """
@@ -588,10 +670,19 @@ def global_batch(cfg: TrainConfig, position: int, rank: int, world: int) -> list
 
     per_rank = cfg.batch_size // world
     start = position + rank * per_rank
+    if own is not None:
+        return [{**own.sample(index, cfg.seed), "index": index} for index in range(start, start + per_rank)]
     if cfg.stage == "edit_sft":
         return [mixed_sample(cfg, index) for index in range(start, start + per_rank)]
     stream = t2i_samples(cfg.seed, cfg.canvas, cfg.category_weights, cfg.paraphrase_probability, start=start)
     return [{**s, "index": start + i} for i, s in enumerate(islice(stream, per_rank))]
+
+
+def open_own_data(cfg: TrainConfig) -> OwnData | None:
+    """The shards `cfg.data` names (None without); edit pairs count only for edit_sft."""
+    from .own_data import OwnData
+
+    return OwnData(cfg.data, cfg.canvas, edits=cfg.stage == "edit_sft") if cfg.data else None
 
 
 def is_edit_position(index: int, edit_fraction: float) -> bool:
@@ -600,13 +691,14 @@ def is_edit_position(index: int, edit_fraction: float) -> bool:
 
 
 def mixed_sample(cfg: TrainConfig, index: int) -> dict:
-    """Sample `index` of the edit SFT stream: an edit pair (source as "reference", target as "image", the
-    instruction as "caption") or a t2i sample, each drawn from its own seeded stream at that position."""
+    """Sample `index` of the edit SFT stream: an edit pair (source as "reference", target as "image" and its scene as
+    "scene", the instruction as "caption") or a t2i sample, each drawn from its own seeded stream at that position."""
     from .shapeworld.dataset import edit_samples, t2i_samples
 
     if is_edit_position(index, cfg.edit_fraction):
         s = next(edit_samples(cfg.seed, cfg.canvas, cfg.edit_category_weights, cfg.paraphrase_probability, start=index))
-        return {**s, "image": s["target"], "reference": s["source"], "caption": s["instruction"], "prompt": s["instruction"], "index": index}
+        return {**s, "image": s["target"], "scene": s["target_scene"], "reference": s["source"], "caption": s["instruction"],
+                "prompt": s["instruction"], "index": index}
     return {**next(t2i_samples(cfg.seed, cfg.canvas, cfg.category_weights, cfg.paraphrase_probability, start=index)), "index": index}
 
 
@@ -631,9 +723,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     accelerator.wait_for_everyone()
     torch.manual_seed(cfg.seed)
+    own = open_own_data(cfg)  # before the model loads: bad shards fail fast
     if cfg.stage in ("image_tokenizer", "semantic_tokenizer") and accelerator.is_main_process and not (out / "text_tokenizer").is_dir():
         save_text_tokenizer(out / "text_tokenizer", cfg)
-    stage = make_stage(cfg)
+    stage = make_stage(cfg, own)
     if cfg.train_only:
         freeze_all_but(stage.module, cfg.train_only)
     params = [p for p in stage.module.parameters() if p.requires_grad]
@@ -651,7 +744,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     run_steps = 0
     while step < cfg.steps:
         t0 = time.perf_counter()
-        samples = global_batch(cfg, position, accelerator.process_index, accelerator.num_processes)
+        samples = global_batch(cfg, position, accelerator.process_index, accelerator.num_processes, own)
         model.train()
         loss, parts = stage.loss(model, samples, sample_generators(cfg, samples))
         optimizer.zero_grad(set_to_none=True)
@@ -679,7 +772,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
                 prune_checkpoints(out, cfg.keep_checkpoints)
                 metrics.plot()
                 with averaged_weights(ema, params):
-                    save_preview(out / f"samples-{step:07d}.png", stage, unwrapped, cfg)
+                    save_preview(out / f"samples-{step:07d}.png", stage, unwrapped, cfg, own)
             accelerator.wait_for_everyone()
         if stop_after is not None and run_steps >= stop_after:
             break
@@ -688,9 +781,26 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     check_replicas(accelerator, params, out)
     if step >= cfg.steps and accelerator.is_main_process:
         with averaged_weights(ema, params):
-            stage.save(accelerator.unwrap_model(model), out / "final")
+            stage.save_final(accelerator.unwrap_model(model), out / "final")
     accelerator.wait_for_everyone()
     return out
+
+
+def evaluate_loss(cfg: TrainConfig, model: str | os.PathLike, samples: int) -> float:
+    """The mean training loss of `model` (a folder or a bundled name) on stream positions 0 .. samples - 1 of cfg's
+    data, in eval mode (no condition dropout) with each sample's own noise (`sample_generators`): the same number for
+    the same model, so it compares a model before and after fine-tuning on those samples. Text-to-image models and
+    edit models alike (the loss reads their edit pairs through the parts the model has)."""
+    stage = ModelStage(dataclasses.replace(cfg, stage="sft", init_from=str(model), lora=None))
+    own = open_own_data(cfg)
+    stage.module.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, samples, cfg.batch_size):
+            batch = global_batch(dataclasses.replace(cfg, batch_size=min(cfg.batch_size, samples - start)), start, 0, 1, own)
+            loss, _ = stage.loss(stage.module, batch, sample_generators(cfg, batch))
+            total += loss.item() * len(batch)
+    return total / samples
 
 
 @contextlib.contextmanager
@@ -770,13 +880,13 @@ def prune_checkpoints(out: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_preview(path: Path, stage: Stage, module: nn.Module, cfg: TrainConfig) -> None:
-    """A sample grid: held-out samples beside what the stage's module makes of them
-    (reconstructions; or generated image and blueprint preview)."""
+def save_preview(path: Path, stage: Stage, module: nn.Module, cfg: TrainConfig, own: OwnData | None = None) -> None:
+    """A sample grid: held-out samples (own data: the first 8 of another shuffle, not held out) beside what the
+    stage's module makes of them (reconstructions; or generated image and blueprint preview)."""
     from .fileio import save_png
     from .viz import image_grid
 
-    samples = global_batch(dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 10_000, paraphrase_probability=0.0), 0, 0, 1)
+    samples = global_batch(dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 10_000, paraphrase_probability=0.0), 0, 0, 1, own)
     module.eval()
     with torch.no_grad():
         strips = stage.preview(module, samples)
