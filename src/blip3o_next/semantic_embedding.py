@@ -166,10 +166,6 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         anchor's ink and cap height), so that every object of a color and shape teaches all its sizes' rows."""
         return self.head.weight + sum(table.weight[getattr(self, f"head_{name}")] for name, table in self.head_factors.items())
 
-    def table(self) -> torch.Tensor:
-        """Every id's row: (vocab size, hidden)."""
-        return self(torch.arange(self.vocab.size, device=self.head.weight.device))
-
     def factor_log_probs(self, hidden: torch.Tensor, positions: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
         """log p(kind) over the kinds a blueprint position allows, log p(head | its kind), log p(dx), log p(dy):
         (..., 6), (..., 801), (..., 8), (..., 8) for `hidden` (..., H) predicting the token at `positions`."""
