@@ -571,7 +571,7 @@ def make_stage(cfg: TrainConfig, own: OwnData | None = None) -> Stage:
         return LoraStage(cfg)
     if cfg.stage == "vae":
         return VaeStage(cfg, own)
-    stages = {"image_tokenizer": ImageTokenizerStage, "semantic_tokenizer": SemanticTokenizerStage, "vae": VaeStage, "pretrain": ModelStage, "sft": ModelStage, "edit_sft": EditStage}
+    stages = {"image_tokenizer": ImageTokenizerStage, "semantic_tokenizer": SemanticTokenizerStage, "pretrain": ModelStage, "sft": ModelStage, "edit_sft": EditStage}
     return stages[cfg.stage](cfg)
 
 
