@@ -152,7 +152,9 @@ def sample_blueprint(
     full_mask = torch.cat([mask, mask.new_ones(batch, length - prefix)], 1)
     tokens = torch.cat([ids, ids.new_zeros(batch, num_tokens)], 1)  # the processors read the history
     positions = position_ids_from_mask(mask)
-    out = model.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+    # An edit's prompt holds the reference image's tokens, which a semantic blueprint embeds through its factors.
+    prompt = {"input_ids": ids} if embedding is None else {"inputs_embeds": input_embeddings(model, embedding, ids, vocab)}
+    out = model.model(**prompt, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                       use_cache=True, cache_position=torch.arange(prefix, device=ids.device))
     hidden = [out.last_hidden_state[:, -1:]]
     prompt_hidden = out.last_hidden_state[:, : input_ids.shape[1]]

@@ -308,7 +308,7 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_imgedit(args: argparse.Namespace) -> int:
-    from .evaluation import edit_grid, evaluate_edits, format_edit_table, generate_edit_items
+    from .evaluation import edit_grid, edit_plan_summary, evaluate_edits, format_edit_table, generate_edit_items
     from .shapeworld.edits import edit_suite
 
     _check_report_paths(args)
@@ -320,6 +320,11 @@ def cmd_eval_imgedit(args: argparse.Namespace) -> int:
     names = ("model", "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "top_k", "top_p", "preserve",
              "dtype", "compile")
     summary["settings"] = {k: getattr(args, k) for k in names}
+    if pipe.model.semantic:
+        summary["plan"] = edit_plan_summary(items)
+        print("plan score (the edits' blueprints decoded to scenes and checked against source and instruction; no diffusion):")
+        print(format_edit_table(summary["plan"]))
+        print("images:")
     print(format_edit_table(summary))
     _write_reports(args, summary, rows, edit_grid(items, rows))
     return 0

@@ -55,6 +55,7 @@ class EditItem:
     output_image: np.ndarray
     source_scene: Scene | None
     target_scene: Scene | None
+    blueprint: np.ndarray | None = None  # the blueprint the AR model wrote for the edit, when generated here
 
 
 def _check_canvas(path: Path, img: np.ndarray) -> np.ndarray:
@@ -176,9 +177,26 @@ def generate_edit_items(pipe, pairs: Sequence, seed: int = 0, batch_size: int = 
     sources = [render(p.source) for p in pairs]
     out = pipe.generate_in_batches([p.instruction for p in pairs], batch_size, seed, progress, reference_images=sources, **edit_kwargs)
     return [
-        EditItem(f"{i:04d}_{p.spec.category}", p.instruction, p.spec, source, np.asarray(image), p.source, p.target)
-        for i, (p, source, image) in enumerate(zip(pairs, sources, out.images))
+        EditItem(f"{i:04d}_{p.spec.category}", p.instruction, p.spec, source, np.asarray(image), p.source, p.target, blueprint.numpy())
+        for i, (p, source, image, blueprint) in enumerate(zip(pairs, sources, out.images, out.blueprints))
     ]
+
+
+def edit_plan_summary(items: Sequence[EditItem]) -> dict:
+    """The plan score of edits' semantic blueprints: each decoded to its scene and checked against the pair's source
+    scene and instruction (no diffusion, no verifier; the consistency PSNR compares the data engine's drawings of
+    the two scenes). Says whether the AR model wrote the right edit, apart from how it was rendered."""
+    from .semantic_blueprint import decode_tokens
+    from .shapeworld.render import render
+
+    results = []
+    for item in items:
+        plan = decode_tokens(item.blueprint)
+        try:
+            results.append(check_edit(item.source_scene, item.spec, plan, render(item.source_scene), render(plan), item.target_scene))
+        except EditError as e:
+            results.append(EditResult(passed=False, psnr=None, reasons=[str(e)]))
+    return summarize_edits([item.spec.category for item in items], results)
 
 
 def parse_images(images: Sequence[np.ndarray], parser: SceneParser) -> list[Scene]:

@@ -30,6 +30,7 @@ from .diffusion import sample_latents
 from .fileio import to_rgb
 from .image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
 from .modeling import Blip3oNext
+from .semantic_blueprint import SemanticVocab, changed_region
 from .semantic_encoder import SemanticEncoder
 from .released_checkpoint import PROMPT_TEMPLATE, is_released_layout, load_released, released_prompt
 from .vae import decode_latents, encode_latents
@@ -295,14 +296,20 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_blueprints(
-        self, prompts: str | list[str], seed: int | None = None, generator: torch.Generator | None = None, sampling: SamplingConfig | None = None
+        self, prompts: str | list[str], seed: int | None = None, generator: torch.Generator | None = None, sampling: SamplingConfig | None = None,
+        images: Image.Image | np.ndarray | list | None = None,
     ) -> torch.Tensor:
-        """The blueprints (B, N) the AR model writes for prompts, without rendering them (what the plan score and RL
-        on plan rewards read). Options as in `__call__`; the same seed writes the same blueprints as `__call__`."""
-        prompts = _texts(prompts, "prompt")
-        sampling = self._options(None, None, sampling, None, None, None)[2]
-        ids, mask = self.tokenize(prompts)
-        return self._written_blueprint(ids, mask, sampling, _generator(generator, seed)).codes.cpu()
+        """The blueprints (B, N) the AR model writes for prompts, or with `images` for edits of those images by the
+        prompts as instructions, without rendering them (what the plan score and RL on plan rewards read). Options
+        as in `__call__` (for edits, `edit`); the same seed writes the same blueprints as `__call__` or `edit`."""
+        edits = images is not None
+        sampling = self._options(None, None, sampling, None, None, None, edit=edits)[2]
+        if edits:
+            inputs = self.edit_inputs(images, prompts)
+            ids, mask = inputs.input_ids, inputs.attention_mask
+        else:
+            ids, mask = self.tokenize(_texts(prompts, "prompt"))
+        return self._written_blueprint(ids, mask, sampling, _generator(generator, seed), edits).codes.cpu()
 
     def _written_blueprint(
         self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, edits: bool = False
@@ -358,7 +365,9 @@ class Pipeline:
         known = None
         if preserve is not None:
             reference_codes, reference_pixels = preserve
-            known = reference_latents, unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, model.latent_shape[1:])
+            vocab = model.image_embedding.vocab if model.semantic else None
+            keep = unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, model.latent_shape[1:], vocab)
+            known = reference_latents, keep
         latents = sample_latents(
             self.transformer, model.scheduler.config, condition, model.latent_shape,
             num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
@@ -366,7 +375,7 @@ class Pipeline:
         )
         decoded = decode_latents(model.vae, latents)
         if preserve is not None and model.config.edit_paste_unchanged:
-            keep = unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, tuple(decoded.shape[-2:]))
+            keep = F.interpolate(keep, size=tuple(decoded.shape[-2:]), mode="nearest")  # the cells held during sampling
             decoded = torch.lerp(decoded, reference_pixels.to(decoded.dtype), keep.to(decoded.dtype))
         images = tensor_to_images(decoded)
         # Only this project's tokenizers draw their codes; TA-Tok's decoder rebuilds SigLIP features, not pixels.
@@ -379,9 +388,19 @@ class Pipeline:
         )
 
 
-def unchanged_cells(codes: torch.Tensor, reference_codes: torch.Tensor, margin: int, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 1, H, W) mask at latent size, 1 where the blueprint `codes` (B, N) keep the reference's token, with
-    every changed cell widened by `margin` cells (the tokenizer sees across cell borders)."""
+def unchanged_cells(
+    codes: torch.Tensor, reference_codes: torch.Tensor, margin: int, size: tuple[int, int], vocab: SemanticVocab | None = None
+) -> torch.Tensor:
+    """(B, 1, H, W) mask at size (H, W), 1 where an edit's blueprint `codes` (B, N) keeps its reference's content,
+    every changed cell widened by `margin` cells of the blueprint's grid (VQ: the tokenizer sees across cell
+    borders) or of (H, W) (semantic). VQ codes: the cells whose token is the reference's. Semantic blueprints (their
+    `vocab` given): the cells `semantic_blueprint.changed_region` leaves untouched (no object or word there changed)."""
+    if vocab is not None:
+        regions = [changed_region(c, r, vocab=vocab) for c, r in zip(codes.tolist(), reference_codes.tolist())]
+        changed = F.adaptive_max_pool2d(torch.from_numpy(np.stack(regions)).float()[:, None], size)
+        if margin > 0:
+            changed = F.max_pool2d(changed, 2 * margin + 1, stride=1, padding=margin)
+        return (1.0 - changed).to(codes.device)
     side = math.isqrt(codes.shape[1])
     changed = (codes != reference_codes).float().view(-1, 1, side, side)
     if margin > 0:

@@ -599,6 +599,25 @@ def object_boxes(ids: TokenIds, vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndar
     return np.asarray(rows, np.float32).reshape(-1, 5)
 
 
+def changed_region(ids: TokenIds, reference_ids: TokenIds, pad: float = 2.0, vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndarray:
+    """(S, S) bool, True where an edit's blueprint `ids` draws something other than its reference's blueprint:
+    the boxes, widened by `pad` px (anti-aliased edges), of every object and word that either scene has and the
+    other has not in exactly that form; the whole canvas when the background changes. Where it is False the edit
+    keeps the reference (`Pipeline.edit`'s `preserve_unchanged`)."""
+    scene, reference = decode_tokens(ids, vocab), decode_tokens(reference_ids, vocab)
+    size = vocab.config.canvas
+    if scene.background != reference.background:
+        return np.ones((size, size), bool)
+    boxes = [(o.cx, o.cy, o.size / 2, o.size / 2) for o in set(scene.objects) ^ set(reference.objects)]
+    if scene.text != reference.text:
+        boxes += [(t.cx, t.cy, t.width / 2, t.height / 2) for t in (scene.text, reference.text) if t is not None]
+    centres = np.arange(size) + 0.5  # pixel centres
+    changed = np.zeros((size, size), bool)
+    for cx, cy, hw, hh in boxes:
+        changed |= (np.abs(centres[:, None] - cy) <= hh + pad) & (np.abs(centres[None, :] - cx) <= hw + pad)
+    return changed
+
+
 def encode_batch(scenes: Iterable[Scene], vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndarray:
     """(B, seq_len) int64 ids of several scenes."""
     return np.asarray([encode_scene(s, vocab) for s in scenes], np.int64).reshape(-1, vocab.config.seq_len)

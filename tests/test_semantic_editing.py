@@ -1,0 +1,130 @@
+"""Editing on the semantic blueprint: the AR model reads the reference's blueprint (as the encoder reads its pixels) in
+its prompt, an edit keeps the reference wherever its blueprint changes no object, and one model both edits and
+generates after edit SFT."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from blip3o_next.autoregressive import SamplingConfig, forced_blueprint, sample_blueprint
+from blip3o_next.cli import main
+from blip3o_next.evaluation import EditItem, edit_plan_summary
+from blip3o_next.modeling import Blip3oNext
+from blip3o_next.pipeline import Pipeline, unchanged_cells
+from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, changed_region, encode_scene
+from blip3o_next.shapeworld.edits import EDIT_CATEGORIES, parse_instruction, sample_edit
+from blip3o_next.shapeworld.render import make_text, render
+from blip3o_next.shapeworld.world import Scene, ShapeObject
+from blip3o_next.trainer import TrainConfig, train
+
+SCENE = Scene(64, "white", (ShapeObject("circle", "red", 16.5, 16.5, 12), ShapeObject("square", "blue", 44.5, 44.5, 14)))
+
+
+def box_mask(cx: float, cy: float, half: float, pad: float = 2.0) -> np.ndarray:
+    centres = np.arange(64) + 0.5
+    return (np.abs(centres[:, None] - cy) <= half + pad) & (np.abs(centres[None, :] - cx) <= half + pad)
+
+
+def test_changed_region_covers_exactly_what_an_edit_changes():
+    ids = encode_scene(SCENE)
+    assert not changed_region(ids, ids).any()
+    recolored = dataclasses.replace(SCENE, objects=(dataclasses.replace(SCENE.objects[0], color="green"), SCENE.objects[1]))
+    np.testing.assert_array_equal(changed_region(encode_scene(recolored), ids), box_mask(16.5, 16.5, 6))
+    moved = dataclasses.replace(SCENE, objects=(SCENE.objects[0], dataclasses.replace(SCENE.objects[1], cx=44.5, cy=20.5)))
+    np.testing.assert_array_equal(changed_region(encode_scene(moved), ids), box_mask(44.5, 44.5, 7) | box_mask(44.5, 20.5, 7))
+    removed = dataclasses.replace(SCENE, objects=SCENE.objects[:1])
+    np.testing.assert_array_equal(changed_region(encode_scene(removed), ids), box_mask(44.5, 44.5, 7))
+    assert changed_region(encode_scene(dataclasses.replace(SCENE, background="black")), ids).all()
+    worded = dataclasses.replace(SCENE, text=make_text("HI", 44.5, 16.5, 12, "black"))
+    region = changed_region(encode_scene(worded), ids)
+    assert region[16, 44] and not region[16, 16] and not region[44, 44]
+
+
+def test_unchanged_cells_of_a_semantic_edit_hold_the_latent_cells_no_changed_box_touches():
+    ids = torch.tensor([encode_scene(SCENE)])
+    recolored = dataclasses.replace(SCENE, objects=(dataclasses.replace(SCENE.objects[0], color="green"), SCENE.objects[1]))
+    codes = torch.tensor([encode_scene(recolored)])
+    keep = unchanged_cells(codes, ids, 0, (16, 16), vocab=DEFAULT_VOCAB)
+    assert keep.shape == (1, 1, 16, 16)
+    changed = box_mask(16.5, 16.5, 6).reshape(16, 4, 16, 4).any(axis=(1, 3))  # any changed pixel marks its 4 px latent cell
+    np.testing.assert_array_equal(keep[0, 0].numpy() == 0, changed)
+    widened = unchanged_cells(codes, ids, 1, (16, 16), vocab=DEFAULT_VOCAB)
+    assert (widened <= keep).all() and widened.sum() < keep.sum()
+    assert unchanged_cells(ids, ids, 1, (16, 16), vocab=DEFAULT_VOCAB).eq(1).all()
+
+
+def test_the_sampler_reads_a_reference_blueprint_in_the_prompt(semantic_model):
+    """An edit's prompt holds the reference's image tokens, embedded through the factorised table; the sampled
+    blueprint's states equal those of one teacher-forced pass."""
+    model = semantic_model
+    pipe = Pipeline(model)
+    reference = encode_scene(SCENE)
+    ids, mask = pipe.tokenize(["make the red circle green", "keep the image unchanged"], [reference, reference])
+    bp = sample_blueprint(model.ar, ids, mask, model.image_vocab, model.num_image_tokens, SamplingConfig(top_k=0, top_p=1.0),
+                          torch.Generator().manual_seed(0), embedding=model.image_embedding)
+    forced = forced_blueprint(model.ar, model.image_vocab, ids, mask, bp.codes, model.image_embedding)
+    assert torch.allclose(forced.hidden_states, bp.hidden_states, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def semantic_edit_dir(semantic_model, tmp_path_factory):
+    """The toy semantic model after two steps of edit SFT, with the bundled model's inference settings."""
+    root = tmp_path_factory.mktemp("semantic_edit")
+    semantic_model.save_pretrained(root / "t2i")
+    cfg = TrainConfig(stage="edit_sft", output_dir=str(root / "out"), init_from=str(root / "t2i"), steps=2, batch_size=4, lr=1e-3,
+                      warmup_steps=1, checkpoint_every=2, log_every=1, edit_fraction=0.5,
+                      model={"edit_preserve_unchanged": True, "edit_paste_unchanged": True})
+    train(cfg)
+    return root / "out" / "final"
+
+
+def test_semantic_edit_sft_gives_one_model_that_edits_and_generates(semantic_edit_dir):
+    model = Blip3oNext.from_pretrained(semantic_edit_dir)
+    assert model.semantic and model.config.editing and model.edit_ar is None  # one AR model writes both
+    pipe = Pipeline(model)
+    pair = sample_edit("recolor", np.random.default_rng(0))
+    out = pipe.edit(render(pair.source), pair.instruction, seed=0, num_inference_steps=2)
+    assert out.images[0].size == (64, 64) and out.blueprints.shape == (1, model.num_image_tokens)
+    again = pipe.edit(render(pair.source), pair.instruction, seed=0, num_inference_steps=2)
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(again.images[0]))
+    assert pipe("a photo of a red circle", seed=0, num_inference_steps=2).blueprints.shape == (1, model.num_image_tokens)
+
+
+def test_a_semantic_edit_keeps_the_reference_outside_what_its_blueprint_changes(semantic_edit_dir):
+    """Given the reference's own blueprint (as the encoder reads it) the output is the reference, pixel for pixel;
+    given that blueprint with one object more, only the latent cells around the new object are drawn anew."""
+    pipe = Pipeline(Blip3oNext.from_pretrained(semantic_edit_dir))
+    source = render(SCENE)
+    reference = pipe.edit_inputs(source, "keep the image unchanged").reference_codes
+    kept = pipe.edit(source, "keep the image unchanged", seed=0, num_inference_steps=2, blueprints=reference)
+    np.testing.assert_array_equal(np.asarray(kept.images[0]), source)
+    codes = reference.clone()
+    codes[0, DEFAULT_VOCAB.config.cell_positions[9]] = DEFAULT_VOCAB.shape_token("circle", "green", 12, 4, 4)  # centred in cell (1, 1)
+    out = np.asarray(pipe.edit(source, "add a green circle", seed=0, num_inference_steps=2, blueprints=codes).images[0])
+    keep = unchanged_cells(codes, reference, 0, (16, 16), vocab=DEFAULT_VOCAB)[0, 0].numpy().astype(bool)
+    keep = keep.repeat(4, 0).repeat(4, 1)  # the latent cells held during sampling, at pixel size
+    assert keep.any() and not keep.all()
+    np.testing.assert_array_equal(out[keep], source[keep])
+    assert not np.array_equal(out[~keep], source[~keep])
+
+
+def test_edit_plan_score_checks_the_written_blueprint_against_source_and_instruction():
+    pair = sample_edit("recolor", np.random.default_rng(3))
+    right = EditItem("0", pair.instruction, pair.spec, render(pair.source), render(pair.target), pair.source, pair.target,
+                     np.asarray(encode_scene(pair.target)))
+    unchanged = dataclasses.replace(right, id="1", blueprint=np.asarray(encode_scene(pair.source)))
+    summary = edit_plan_summary([right, unchanged])
+    assert summary["categories"]["recolor"]["success"] == 0.5
+    absent = dataclasses.replace(right, id="2", spec=parse_instruction("remove the yellow triangle"))  # not in the source
+    assert edit_plan_summary([absent])["categories"]["remove"]["success"] == 0.0
+
+
+def test_cli_eval_imgedit_reports_the_plan_score_of_a_semantic_model(semantic_edit_dir, tmp_path, capsys):
+    assert main(["eval", "imgedit", "--model", str(semantic_edit_dir), "--per-category", "1", "--steps", "1",
+                 "--json", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")]) == 0
+    assert "plan score" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
+    assert set(summary["plan"]["categories"]) == set(summary["categories"]) == set(EDIT_CATEGORIES)
