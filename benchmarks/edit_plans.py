@@ -19,15 +19,15 @@ from blip3o_next.shapeworld.edits import edit_suite
 from blip3o_next.shapeworld.render import render
 
 
-def edit_plans(pipe: Pipeline, pairs: list, sampling: SamplingConfig, seed: int, batch_size: int) -> dict:
-    """The edit plan summary of `pairs` written with `sampling`; batch k is drawn with seed `seed + k`, as in `blip3o eval imgedit`."""
+def edit_plans(pipe: Pipeline, pairs: list, sources: list, sampling: SamplingConfig, seed: int, batch_size: int) -> dict:
+    """The edit plan summary of `pairs` (their sources drawn as `sources`) written with `sampling`; batch k is drawn
+    with seed `seed + k`, as in `blip3o eval imgedit`."""
     items = []
     for k, start in enumerate(tqdm(range(0, len(pairs), batch_size), desc=str(sampling), unit="batch")):
-        batch = pairs[start : start + batch_size]
-        sources = [render(p.source) for p in batch]
-        codes = pipe.sample_blueprints([p.instruction for p in batch], seed=seed + k, sampling=sampling, images=sources)
+        batch, images = pairs[start : start + batch_size], sources[start : start + batch_size]
+        codes = pipe.sample_blueprints([p.instruction for p in batch], seed=seed + k, sampling=sampling, images=images)
         items += [EditItem(f"{start + i:04d}", p.instruction, p.spec, src, src, p.source, p.target, c.numpy())
-                  for i, (p, src, c) in enumerate(zip(batch, sources, codes))]
+                  for i, (p, src, c) in enumerate(zip(batch, images, codes))]
     return edit_plan_summary(items)
 
 
@@ -47,11 +47,12 @@ def main() -> None:
     if not (pipe.model.semantic and pipe.can_edit):
         raise SystemExit(f"{args.model}: needs a semantic-blueprint model trained to edit")
     pairs = edit_suite(args.per_category, seed=args.suite_seed)
+    sources = [render(p.source) for p in pairs]
     results = {}
     for setting in args.settings:
         temperature, top_p = map(float, setting.split(":"))
         sampling = SamplingConfig(temperature=temperature, top_k=0, top_p=top_p)
-        results[setting] = edit_plans(pipe, pairs, sampling, args.seed, args.batch_size)
+        results[setting] = edit_plans(pipe, pairs, sources, sampling, args.seed, args.batch_size)
         print(f"edit plan score at temperature {temperature}, top_p {top_p}:")
         print(format_edit_table(results[setting]))
     if args.json:

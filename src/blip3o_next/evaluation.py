@@ -184,19 +184,24 @@ def generate_edit_items(pipe, pairs: Sequence, seed: int = 0, batch_size: int = 
 
 def edit_plan_summary(items: Sequence[EditItem]) -> dict:
     """The plan score of edits' semantic blueprints: each decoded to its scene and checked against the pair's source
-    scene and instruction (no diffusion, no verifier; the consistency PSNR compares the data engine's drawings of
-    the two scenes). Says whether the AR model wrote the right edit, apart from how it was rendered."""
+    scene and instruction (no diffusion, no verifier; the consistency PSNR compares the source's drawing, which
+    `generate_edit_items` made, with the plan's). Says whether the AR model wrote the right edit, apart from how it
+    was rendered."""
     from .semantic_blueprint import decode_tokens
     from .shapeworld.render import render
 
-    results = []
-    for item in items:
-        plan = decode_tokens(item.blueprint)
-        try:
-            results.append(check_edit(item.source_scene, item.spec, plan, render(item.source_scene), render(plan), item.target_scene))
-        except EditError as e:
-            results.append(EditResult(passed=False, psnr=None, reasons=[str(e)]))
+    plans = [decode_tokens(item.blueprint) for item in items]
+    results = [scored_edit(item, plan, render(plan), item.source_scene) for item, plan in zip(items, plans)]
     return summarize_edits([item.spec.category for item in items], results)
+
+
+def scored_edit(item: EditItem, output: Scene, output_image: np.ndarray, source: Scene) -> EditResult:
+    """`check_edit` of one output against the item's source and instruction; an instruction the source cannot carry
+    out (e.g. it names an object the source does not hold) scores as failed."""
+    try:
+        return check_edit(source, item.spec, output, item.source_image, output_image, item.target_scene)
+    except EditError as e:
+        return EditResult(passed=False, psnr=None, reasons=[str(e)])
 
 
 def parse_images(images: Sequence[np.ndarray], parser: SceneParser) -> list[Scene]:
@@ -244,11 +249,7 @@ def evaluate_edits(items: Sequence[EditItem], parser: SceneParser | None = None)
     parsed_sources = dict(zip(need_source, parse_images([items[i].source_image for i in need_source], parser)))
     rows, results = [], []
     for i, (item, out_scene) in enumerate(zip(items, outputs)):
-        source = item.source_scene or parsed_sources[i]
-        try:
-            r = check_edit(source, item.spec, out_scene, item.source_image, item.output_image, item.target_scene)
-        except EditError as e:  # e.g. the instruction names an object the source does not hold
-            r = EditResult(passed=False, psnr=None, reasons=[str(e)])
+        r = scored_edit(item, out_scene, item.output_image, item.source_scene or parsed_sources[i])
         results.append(r)
         rows.append(
             {"id": item.id, "instruction": item.instruction, "category": item.spec.category, "passed": r.passed,
