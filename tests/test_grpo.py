@@ -106,6 +106,20 @@ def test_edit_reward_on_hand_made_outputs():
     assert r.total.tolist() == pytest.approx([2.5, (n + 1) / (n + 3) + 0.5, r.parts["partial"][2]])
 
 
+def test_edit_plan_rewards_on_hand_made_blueprints():
+    """An edit blueprint that writes the target scene earns the plan rewards; one that copies the source misses the
+    edit; a plan-only reward reads no image."""
+    pair = sample_edit("move", np.random.default_rng(5))
+    blueprints = np.array([encode_scene(pair.target), encode_scene(pair.source)])
+    plans_only = EditReward({"success": 0.0, "partial": 0.0, "consistency": 0.0, "plan": 1.0, "plan_partial": 1.0})
+    r = plans_only([pair] * 2, None, blueprints)
+    assert set(r.parts) == {"plan", "plan_partial"} and r.parts["plan"].tolist() == [1.0, 0.0]
+    assert r.parts["plan_partial"][0] == 1.0 > r.parts["plan_partial"][1]
+    assert r.total.tolist() == pytest.approx([2.0, r.parts["plan_partial"][1]])
+    with pytest.raises(ValueError, match="2 edit pairs for 1 blueprints"):
+        plans_only([pair] * 2, None, blueprints[:1])
+
+
 # ----------------------------------------------------------------------------- objective
 
 
@@ -307,13 +321,13 @@ def test_training_edits_never_include_the_heldout_suite():
     assert [p.instruction for p in edits.draw(3, 9)] == [p.instruction for p in TrainingEdits(cfg).draw(3, 9)]  # same on resume
 
 
-def test_edit_grpo_needs_an_edit_model_and_edit_settings(tmp_path):
+def test_edit_grpo_needs_an_edit_model_and_edit_settings(tmp_path, base_dir):
     with pytest.raises(ValueError, match="unknown categories"):
         GRPOConfig(task="edit", category_weights={"dense": 1.0})
     with pytest.raises(ValueError, match="task must be one of"):
         GRPOConfig(task="inpaint")
     with pytest.raises(ValueError, match="trained to edit"):
-        train_grpo(GRPOConfig(task="edit", init_from="tiny", output_dir=str(tmp_path), eval_per_category=0))
+        train_grpo(GRPOConfig(task="edit", init_from=str(base_dir), output_dir=str(tmp_path), eval_per_category=0))
 
 
 def test_one_edit_grpo_step_changes_only_the_edit_ar(tmp_path):

@@ -2,6 +2,7 @@
 its prompt, an edit keeps the reference wherever its blueprint changes no object, and one model both edits and
 generates after edit SFT."""
 
+import csv
 import dataclasses
 import json
 
@@ -12,6 +13,7 @@ import torch
 from blip3o_next.autoregressive import SamplingConfig, forced_blueprint, sample_blueprint
 from blip3o_next.cli import main
 from blip3o_next.evaluation import EditItem, edit_plan_summary
+from blip3o_next.grpo import GRPOConfig, train_grpo
 from blip3o_next.modeling import Blip3oNext
 from blip3o_next.pipeline import Pipeline, unchanged_cells
 from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, changed_region, encode_scene
@@ -128,3 +130,19 @@ def test_cli_eval_imgedit_reports_the_plan_score_of_a_semantic_model(semantic_ed
     assert "plan score" in capsys.readouterr().out
     summary = json.loads((tmp_path / "r.json").read_text())["summary"]
     assert set(summary["plan"]["categories"]) == set(summary["categories"]) == set(EDIT_CATEGORIES)
+
+
+def test_edit_grpo_on_plan_rewards_renders_nothing_and_trains_the_one_ar_side(semantic_edit_dir, tmp_path, monkeypatch):
+    """Edit plan rewards need no diffusion: one GRPO step on edit pairs samples edit blueprints only, logs each plan
+    reward, and changes only the AR model and its image embedding (which text to image shares)."""
+    monkeypatch.setattr(Pipeline, "_render", lambda *a, **k: pytest.fail("plan-only rollouts must not render"))
+    cfg = GRPOConfig(task="edit", init_from=str(semantic_edit_dir), output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2,
+                     num_generations=3, lr=1e-2, eval_per_category=0,
+                     reward_weights={"success": 0, "partial": 0, "consistency": 0, "plan": 1, "plan_partial": 1})
+    out = train_grpo(cfg)
+    before = Blip3oNext.from_pretrained(semantic_edit_dir).state_dict()
+    after = Blip3oNext.from_pretrained(out / "final").state_dict()
+    assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"ar", "image_embedding"}
+    with open(out / "metrics.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert {"reward_plan", "reward_plan_partial"} <= set(row) and "reward_success" not in row and float(row["kl"]) == 0.0

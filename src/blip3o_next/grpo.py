@@ -17,9 +17,10 @@ are the embedding's exact hierarchy. `reader: true` freezes a copy of the starti
 blueprint for the renderer (`Blip3oNext.add_reader`), so the policy's updates never move the renderer's input;
 `hidden_drift` logs how far the policy's own hidden states have moved.
 
-`task: edit` runs the same loop on an edit model's edit AR model: edit pairs from the data engine (never one of
-the held-out ImgEdit suite), the frozen diffusion model renders each edit blueprint with the reference image's
-latents, and the edit rewards score the outputs against the pair's source and target (rewards.EditReward).
+`task: edit` runs the same loop on an edit model's edit AR model (a model with one AR model: that one): edit pairs
+from the data engine (never one of the held-out ImgEdit suite), the frozen diffusion model renders each edit
+blueprint with the reference image's latents, and the edit rewards score the outputs against the pair's source and
+target (rewards.EditReward). A semantic edit model can be scored on its edit plans instead, again with no diffusion.
 
 Why not TRL's GRPOTrainer: it samples completions with `generate` over the whole vocabulary and hands the reward
 functions decoded text. A rollout here must sample exactly n tokens inside the image codebook, and its reward
@@ -49,8 +50,8 @@ from tqdm.auto import tqdm
 from .autoregressive import SamplingConfig, forced_blueprint
 from .fileio import InputError, save_png, write_json
 from .rewards import (
-    DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, EDIT_REWARD_NAMES, REWARD_NAMES, EditReward, Rewards, VerifierReward, check_reward_weights,
-    uses_images, uses_plans,
+    DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, EDIT_IMAGE_REWARD_NAMES, EDIT_REWARD_NAMES, IMAGE_REWARD_NAMES, REWARD_NAMES, EditReward,
+    Rewards, VerifierReward, check_reward_weights, uses_images, uses_plans,
 )
 from .semantic_embedding import SemanticEmbedding
 from .shapeworld.edits import EDIT_CATEGORIES, EditPair, edit_suite, sample_edit
@@ -279,9 +280,9 @@ def sample_rollouts(pipe, task: "GRPOTask", items: list, cfg: GRPOConfig, genera
     diffusion model unless only plan rewards are weighed."""
     repeated = [item for item in items for _ in range(cfg.num_generations)]
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=0, top_p=1.0)
-    if not task.edits and not uses_images(cfg.reward_weights):
-        ids, mask = pipe.tokenize([p.text for p in repeated])
-        return Rollouts(repeated, ids, mask, pipe.sample_blueprints([p.text for p in repeated], generator=generator, sampling=sampling).to(ids.device), None)
+    if not uses_images(cfg.reward_weights, task.image_reward_names):
+        ids, mask, codes = task.plans(pipe, repeated, generator=generator, sampling=sampling)
+        return Rollouts(repeated, ids, mask, codes.to(ids.device), None)
     noise = None
     if cfg.shared_noise:
         noise = torch.randn((len(items), *pipe.model.latent_shape), generator=generator).repeat_interleave(cfg.num_generations, 0)
@@ -313,6 +314,7 @@ class TextToImage:
 
     edits = False
     reward_names = REWARD_NAMES
+    image_reward_names = IMAGE_REWARD_NAMES
 
     def __init__(self, cfg: GRPOConfig):
         self.training = TrainingPrompts(cfg)
@@ -322,6 +324,12 @@ class TextToImage:
     def render(pipe, prompts: list[Prompt], **options: Any):
         texts = [p.text for p in prompts]
         return pipe(texts, **options), *pipe.tokenize(texts)
+
+    @staticmethod
+    def plans(pipe, prompts: list[Prompt], **options: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The AR inputs and the sampled blueprints, nothing rendered."""
+        texts = [p.text for p in prompts]
+        return *pipe.tokenize(texts), pipe.sample_blueprints(texts, **options)
 
     def score(self, rollouts: Rollouts) -> Rewards:
         blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None
@@ -371,6 +379,7 @@ class Editing:
 
     edits = True
     reward_names = EDIT_REWARD_NAMES
+    image_reward_names = EDIT_IMAGE_REWARD_NAMES
 
     def __init__(self, cfg: GRPOConfig):
         self.training = TrainingEdits(cfg)
@@ -382,8 +391,17 @@ class Editing:
         inputs = pipe.edit_inputs(sources, instructions)
         return pipe.edit(sources, instructions, **options), inputs.input_ids, inputs.attention_mask
 
+    @staticmethod
+    def plans(pipe, pairs: list[EditPair], **options: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The AR inputs of the edits (instruction and the source's blueprint as the model reads it) and the edit
+        blueprints sampled after them, nothing rendered."""
+        sources, instructions = [render_scene(p.source) for p in pairs], [p.instruction for p in pairs]
+        inputs = pipe.edit_inputs(sources, instructions)
+        return inputs.input_ids, inputs.attention_mask, pipe.sample_blueprints(instructions, images=sources, **options)
+
     def score(self, rollouts: Rollouts) -> Rewards:
-        return self.reward(rollouts.items, rollouts.images)
+        blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None
+        return self.reward(rollouts.items, rollouts.images, blueprints)
 
     @staticmethod
     def _items(pipe, cfg: GRPOConfig, per_category: int):
@@ -392,10 +410,13 @@ class Editing:
         return generate_edit_items(pipe, edit_suite(per_category, seed=cfg.heldout_suite_seed), seed=cfg.eval_seed, progress=False)
 
     def evaluate(self, pipe, cfg: GRPOConfig) -> dict:
-        """ImgEdit-ShapeWorld on the held-out suite (edit pairs training never sees), with the model's defaults."""
-        from .evaluation import evaluate_edits
+        """ImgEdit-ShapeWorld on the held-out suite (edit pairs training never sees), with the model's defaults; for
+        a semantic-blueprint model also the edit plan score of the same blueprints (`plan`)."""
+        from .evaluation import edit_plan_summary, evaluate_edits
 
-        return evaluate_edits(self._items(pipe, cfg, cfg.eval_per_category))[1]
+        items = self._items(pipe, cfg, cfg.eval_per_category)
+        summary = evaluate_edits(items)[1]
+        return {**summary, "plan": edit_plan_summary(items)} if pipe.model.semantic else summary
 
     @staticmethod
     def table(before: dict, after: dict) -> str:
@@ -409,6 +430,10 @@ class Editing:
         lines.append(_change_row("**overall success** (mean of the categories)", b["n"], b["success"], a["success"]))
         lines.append(_change_row("mean consistency PSNR (dB)", b["n"], b["psnr"], a["psnr"], digits=1))
         lines.append(_change_row("successes at >= 30 dB", "", b["consistent_successes"], a["consistent_successes"]))
+        if "plan" in before and "plan" in after:
+            for cat, b in before["plan"]["categories"].items():
+                lines.append(_change_row(f"plan score: {cat}", b["n"], b["success"], after["plan"]["categories"][cat]["success"]))
+            lines.append(_change_row("**plan score overall**", "", before["plan"]["overall"]["success"], after["plan"]["overall"]["success"]))
         return "\n".join(lines)
 
     def grid(self, before_pipe, after_pipe, cfg: GRPOConfig, per_category: int = 2):

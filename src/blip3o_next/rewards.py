@@ -24,6 +24,9 @@ Edits (GRPO on the edit AR model) have their own three, each in [0, 1], scored a
                  must hold, one per extra object);
     consistency  PSNR outside the edited boxes mapped linearly from 20 dB (0) to 40 dB (1); it does not apply
                  where nothing outside the edit is left to compare.
+and, for semantic blueprints, the same check of the edit's plan (weight 0 by default; no diffusion rollout):
+    plan          1 when the edit blueprint, decoded to its scene, carries out the edit on the pair's source;
+    plan_partial  that check's partial credit.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 
 from .evaluation import parse_images
 from .scorers import check_edit, check_t2i
-from .semantic_blueprint import plan_score
+from .semantic_blueprint import decode_tokens, plan_score
 from .shapeworld.edits import EditPair
 from .shapeworld.prompts import Requirement
 from .shapeworld.render import render
@@ -46,8 +49,9 @@ IMAGE_REWARD_NAMES = ("strict", "partial", "ocr", "precision")
 PLAN_REWARD_NAMES = ("plan", "plan_partial")
 REWARD_NAMES = (*IMAGE_REWARD_NAMES, *PLAN_REWARD_NAMES)
 DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0, "precision": 0.0, "plan": 0.0, "plan_partial": 0.0}
-EDIT_REWARD_NAMES = ("success", "partial", "consistency")
-DEFAULT_EDIT_REWARD_WEIGHTS = {"success": 1.0, "partial": 1.0, "consistency": 0.5}
+EDIT_IMAGE_REWARD_NAMES = ("success", "partial", "consistency")
+EDIT_REWARD_NAMES = (*EDIT_IMAGE_REWARD_NAMES, *PLAN_REWARD_NAMES)
+DEFAULT_EDIT_REWARD_WEIGHTS = {"success": 1.0, "partial": 1.0, "consistency": 0.5, "plan": 0.0, "plan_partial": 0.0}
 CONSISTENCY_PSNR_RANGE = (20.0, 40.0)  # dB mapped to a consistency reward of 0 and 1
 
 
@@ -78,9 +82,10 @@ def weighted_rewards(parts: dict[str, np.ndarray], weights: Mapping[str, float])
     return Rewards(total=torch.as_tensor(total, dtype=torch.float32), parts=parts)
 
 
-def uses_images(weights: Mapping[str, float]) -> bool:
-    """Whether any reward that reads rendered images has a weight (else rollouts need no diffusion)."""
-    return any(weights.get(name, 0.0) > 0 for name in IMAGE_REWARD_NAMES)
+def uses_images(weights: Mapping[str, float], names: Sequence[str] = IMAGE_REWARD_NAMES) -> bool:
+    """Whether any reward that reads rendered images (`names`: those of text to image, or EDIT_IMAGE_REWARD_NAMES)
+    has a weight; else rollouts need no diffusion."""
+    return any(weights.get(name, 0.0) > 0 for name in names)
 
 
 def uses_plans(weights: Mapping[str, float]) -> bool:
@@ -137,20 +142,38 @@ def consistency_reward(psnr: float | None) -> float:
 
 class EditReward:
     """`reward(pairs, outputs)` -> Rewards, one per edit output: `pairs` are shapeworld.edits.EditPair (source
-    scene, instruction, ground-truth target), `outputs` the edited images."""
+    scene, instruction, ground-truth target), `outputs` the edited images; with `blueprints` (semantic blueprint
+    ids of the edits) the plan rewards too. As in VerifierReward, `outputs=None` serves plan-only rollouts."""
 
     def __init__(self, weights: Mapping[str, float] | None = None, parser: SceneParser | None = None):
         self.weights = check_reward_weights(weights or {}, DEFAULT_EDIT_REWARD_WEIGHTS)
         self.parser = parser or SceneParser()
 
-    def __call__(self, pairs: Sequence[EditPair], outputs: Sequence[np.ndarray]) -> Rewards:
+    def __call__(self, pairs: Sequence[EditPair], outputs: Sequence[np.ndarray] | None, blueprints: np.ndarray | None = None) -> Rewards:
+        parts: dict[str, np.ndarray] = {}
+        if outputs is not None or uses_images(self.weights, EDIT_IMAGE_REWARD_NAMES):
+            parts |= self.image_parts(pairs, outputs if outputs is not None else [])
+        if blueprints is not None or uses_plans(self.weights):
+            parts |= edit_plan_parts(pairs, blueprints if blueprints is not None else [])
+        return weighted_rewards(parts, self.weights)
+
+    def image_parts(self, pairs: Sequence[EditPair], outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         if len(pairs) != len(outputs):
             raise ValueError(f"{len(pairs)} edit pairs for {len(outputs)} images")
         scenes = parse_images(list(outputs), self.parser)
         results = [check_edit(p.source, p.spec, scene, render(p.source), out, p.target) for p, scene, out in zip(pairs, scenes, outputs)]
-        parts = {
+        return {
             "success": np.array([float(r.passed) for r in results]),
             "partial": np.array([r.partial for r in results]),
             "consistency": np.array([consistency_reward(r.psnr) for r in results]),
         }
-        return weighted_rewards(parts, self.weights)
+
+
+def edit_plan_parts(pairs: Sequence[EditPair], blueprints: Sequence) -> dict[str, np.ndarray]:
+    """The plan rewards of edit blueprints: each decoded to its scene and checked (scorers.check_edit) as an output
+    of its pair's edit, with no diffusion and no verifier in between."""
+    if len(pairs) != len(blueprints):
+        raise ValueError(f"{len(pairs)} edit pairs for {len(blueprints)} blueprints")
+    plans = [decode_tokens(ids) for ids in blueprints]
+    results = [check_edit(p.source, p.spec, plan, render(p.source), render(plan), p.target) for p, plan in zip(pairs, plans)]
+    return {"plan": np.array([float(r.passed) for r in results]), "plan_partial": np.array([r.partial for r in results])}
