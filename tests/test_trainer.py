@@ -15,7 +15,8 @@ import yaml
 from blip3o_next.fileio import InputError
 from blip3o_next.modeling import Blip3oNext
 from blip3o_next.grpo import GRPOConfig
-from blip3o_next.trainer import Recipe, TrainConfig, is_recipe, latest_checkpoint, param_groups, read_stage, train
+from blip3o_next.recipes import Recipe, is_recipe, read_stage
+from blip3o_next.trainer import TrainConfig, latest_checkpoint, param_groups, train
 
 from conftest import small_configs
 
@@ -128,7 +129,7 @@ def test_yaml_config_extends_another(tmp_path):
 
 
 def test_recipe_runs_stages_in_order_and_reports(tmp_path, monkeypatch):
-    from blip3o_next import trainer
+    from blip3o_next import recipes
 
     for name in ("a", "b"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"stage": "vae", "steps": 1, "output_dir": str(tmp_path / "runs" / name)}))
@@ -142,9 +143,9 @@ def test_recipe_runs_stages_in_order_and_reports(tmp_path, monkeypatch):
         (out / "loss_curves.png").write_bytes(b"png")
         return out
 
-    monkeypatch.setattr(trainer, "train", fake_train)
-    assert trainer.is_recipe(tmp_path / "recipe.yaml") and not trainer.is_recipe(tmp_path / "a.yaml")
-    timings = trainer.run_recipe(trainer.Recipe.from_yaml(tmp_path / "recipe.yaml"))
+    monkeypatch.setattr(recipes, "train", fake_train)
+    assert is_recipe(tmp_path / "recipe.yaml") and not is_recipe(tmp_path / "a.yaml")
+    timings = recipes.run_recipe(Recipe.from_yaml(tmp_path / "recipe.yaml"))
     assert seen == [str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b")] and list(timings) == ["a", "b"]
     assert (tmp_path / "docs" / "b_loss_curves.png").is_file() and "total_minutes" in (tmp_path / "docs" / "timings.json").read_text()
 

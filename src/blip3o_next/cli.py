@@ -335,7 +335,7 @@ def cmd_eval_imgedit(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .modeling import CheckpointError
-    from .trainer import Recipe, is_recipe, run_recipe, train_stage_file
+    from .recipes import Recipe, is_recipe, run_recipe, train_stage_file
 
     try:
         if args.kind is None and is_recipe(args.config):

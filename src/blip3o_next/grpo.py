@@ -466,9 +466,8 @@ class PolicyStage(PretrainedModuleStage):
 
 def train_grpo(cfg: GRPOConfig) -> Path:
     """Run (or resume) GRPO, then evaluate before and after on the held-out suite; returns the output folder."""
-    from .modeling import Blip3oNext
+    from .modeling import Blip3oNext, export_model
     from .pipeline import Pipeline, resolve_model_path
-    from .trainer import export_model
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -646,3 +646,8 @@ def meta_parameter_counts(configs: dict) -> dict[str, int]:
             "vae": AutoencoderDC(**vae_config),
         }
     return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+
+
+def export_model(source: str | os.PathLike, dest: str | os.PathLike, dtype: str = "float16") -> None:
+    """Save a trained model in a smaller dtype (loading casts back to float32 by default)."""
+    Blip3oNext.from_pretrained(source).to(getattr(torch, dtype)).save_pretrained(dest)

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .fileio import InputError, write_json
+from .fileio import InputError
 
 if TYPE_CHECKING:
     from .lora import LoraSettings
@@ -141,40 +141,12 @@ class TrainConfig:
         return config_from_yaml(cls, path, **overrides)
 
 
-@dataclass
-class Recipe:
-    """Stage configs run in order (each resumes where it stopped), then the last model exported.
-
-    Stage paths are relative to the recipe file. `export_to` receives the final model in `export_dtype`
-    (the bundled weights); `docs_dir` receives each stage's loss curves and last sample grid, and the timings.
-    """
-
-    stages: list[str]
-    export_from: str | None = None
-    export_to: str | None = None
-    export_dtype: str = "float16"
-    docs_dir: str | None = None
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "Recipe":
-        data = _read_yaml(path)
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(data) - known:
-            raise InputError(f"{path}: unknown recipe setting(s) {', '.join(sorted(set(data) - known))}")
-        try:
-            recipe = cls(**data)
-        except TypeError as e:
-            raise InputError(f"{path}: {e}") from None
-        recipe.stages = [str(Path(path).parent / stage) for stage in recipe.stages]
-        return recipe
-
-
 def config_from_yaml(cls: type, path: str | os.PathLike, **overrides: Any) -> Any:
     """Read a config dataclass from YAML. `extends: OTHER.yaml` (relative to this file) starts from another
     config, which may extend a third; keys given here replace its keys (whole values: a `model:` mapping here
     replaces the base's). Overrides that are None are ignored; unknown keys and invalid values raise a one-line
     InputError."""
-    data = _read_extended_yaml(path)
+    data = read_extended_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -186,28 +158,19 @@ def config_from_yaml(cls: type, path: str | os.PathLike, **overrides: Any) -> An
         raise InputError(f"{path}: {e}") from None
 
 
-def is_recipe(path: str | os.PathLike) -> bool:
-    return "stages" in _read_yaml(path)
-
-
-def read_stage(path: str | os.PathLike) -> str | None:
-    """The `stage:` a config file names (following `extends:`), without validating the rest."""
-    return _read_extended_yaml(path).get("stage")
-
-
-def _read_extended_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> dict:
+def read_extended_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> dict:
     """A config file's keys over those of the chain of files it `extends:` (each path relative to its file)."""
     path = Path(path).resolve()
     if path in seen:
         raise InputError(f"{path}: `extends:` leads back to this file")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if "extends" not in data:
         return data
-    base = _read_extended_yaml(path.parent / str(data.pop("extends")), (*seen, path))
+    base = read_extended_yaml(path.parent / str(data.pop("extends")), (*seen, path))
     return {**base, **data}
 
 
-def _read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -215,51 +178,6 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of settings")
     return data
-
-
-def run_recipe(recipe: Recipe) -> dict[str, float]:
-    """Train every stage, export the result, copy curves and grids to the docs; returns seconds per stage."""
-    timings: dict[str, float] = {}
-    outputs = []
-    for stage_file in recipe.stages:
-        start = time.perf_counter()
-        outputs.append(train_stage_file(stage_file))
-        timings[Path(stage_file).stem] = round(time.perf_counter() - start, 1)
-    if recipe.export_to:
-        export_model(recipe.export_from or str(outputs[-1] / "final"), recipe.export_to, recipe.export_dtype)
-    if recipe.docs_dir:
-        copy_training_docs(outputs, [Path(f).stem for f in recipe.stages], Path(recipe.docs_dir), timings)
-    return timings
-
-
-def train_stage_file(path: str | os.PathLike, stage: str | None = None, **overrides: Any) -> Path:
-    """Run the stage a config file describes (GRPO for `stage: grpo`, or when `stage` says so; else `train`);
-    returns its output folder."""
-    if (stage or read_stage(path)) == "grpo":
-        from .grpo import GRPOConfig, train_grpo
-
-        return train_grpo(GRPOConfig.from_yaml(path, **overrides))
-    return train(TrainConfig.from_yaml(path, **overrides))
-
-
-def export_model(source: str | os.PathLike, dest: str | os.PathLike, dtype: str = "float16") -> None:
-    """Save a trained model in a smaller dtype (loading casts back to float32 by default)."""
-    from .modeling import Blip3oNext
-
-    Blip3oNext.from_pretrained(source).to(getattr(torch, dtype)).save_pretrained(dest)
-
-
-def copy_training_docs(outputs: list[Path], names: list[str], docs: Path, timings: dict[str, float]) -> None:
-    docs.mkdir(parents=True, exist_ok=True)
-    for out, name in zip(outputs, names):
-        for curves in ("loss_curves.png", "reward_curves.png"):
-            if (out / curves).is_file():
-                shutil.copyfile(out / curves, docs / f"{name}_{curves}")
-        grids = sorted(out.glob("samples-*.png"))
-        if grids:
-            shutil.copyfile(grids[-1], docs / f"{name}_samples.png")
-    total = round(sum(timings.values()), 1)
-    write_json(docs / "timings.json", {"seconds": timings, "total_seconds": total, "total_minutes": round(total / 60, 1)})
 
 
 # ----------------------------------------------------------------------------- stages
