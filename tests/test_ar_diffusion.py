@@ -3,10 +3,10 @@
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
-from transformers import Qwen3Config
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from blip3o_next.autoregressive import (
-    SamplingConfig, build_ar_model, cache_length, image_span_prefix, position_ids_from_mask, sample_blueprint,
+    SamplingConfig, cache_length, image_span_prefix, position_ids_from_mask, sample_blueprint,
 )
 from blip3o_next.connector import RMSNORM_INIT, Connector
 from blip3o_next.diffusion import Condition, drop_condition, flow_matching_loss, noisy_latents, sample_latents
@@ -21,7 +21,7 @@ def ar():
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=169, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
-    return build_ar_model(cfg).eval()
+    return Qwen3ForCausalLM(cfg).eval()
 
 
 PROMPTS = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])

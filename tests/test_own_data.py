@@ -20,7 +20,7 @@ from blip3o_next.fileio import InputError
 from blip3o_next.modeling import Blip3oNext
 from blip3o_next.own_data import OwnData, fit_to_canvas
 from blip3o_next.shapeworld.dataset import edit_samples, t2i_samples
-from blip3o_next.trainer import TrainConfig, evaluate_loss, global_batch, latest_checkpoint, make_stage, sample_generators, train
+from blip3o_next.trainer import TrainConfig, evaluate_loss, process_batch, latest_checkpoint, make_stage, sample_generators, train
 
 from test_lora import LORA, sft_config
 
@@ -112,8 +112,8 @@ def test_images_are_center_cropped_then_resized():
 
 def test_processes_slice_the_batch_of_one_process(shards):
     cfg, data = TrainConfig(stage="vae", batch_size=6, data=shards), OwnData(shards, 64)
-    halves = global_batch(cfg, 18, 0, 2, data) + global_batch(cfg, 18, 1, 2, data)
-    whole = global_batch(cfg, 18, 0, 1, data)
+    halves = process_batch(cfg, 18, 0, 2, data) + process_batch(cfg, 18, 1, 2, data)
+    whole = process_batch(cfg, 18, 0, 1, data)
     assert [s["index"] for s in whole] == list(range(18, 24)) and captions(halves) == captions(whole)
 
 
@@ -149,10 +149,10 @@ def test_a_semantic_model_reads_own_images_into_its_blueprints(semantic_model, s
     stage = make_stage(cfg)
     encoder, read = stage.module.image_tokenizer, []
     monkeypatch.setattr(encoder, "encode", lambda x: read.append(len(x)) or type(encoder).encode(encoder, x))
-    own = global_batch(cfg, 0, 0, 1, OwnData(shards, 64))
+    own = process_batch(cfg, 0, 0, 1, OwnData(shards, 64))
     loss, _ = stage.loss(stage.module, own, sample_generators(cfg, own))
     assert torch.isfinite(loss) and read == [4]  # no scene: the encoder reads the images
-    engine = global_batch(TrainConfig(**{**cfg.__dict__, "data": None}), 0, 0, 1)
+    engine = process_batch(TrainConfig(**{**cfg.__dict__, "data": None}), 0, 0, 1)
     stage.loss(stage.module, engine, sample_generators(cfg, engine))
     assert read == [4]  # the data engine's scenes give the exact blueprints
     assert Blip3oNext.from_pretrained(train(cfg) / "final").semantic

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM, StaticCache
+from transformers import Qwen3ForCausalLM, StaticCache
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -50,10 +50,6 @@ class Blueprint:
     codes: torch.Tensor  # (B, n) image-codebook indices
     hidden_states: torch.Tensor  # (B, 1 + n, hidden): last layer over <S0> and the n image tokens
     prompt_hidden_states: torch.Tensor  # (B, T, hidden): last layer over the (left-padded) prompt, from the prefill
-
-
-def build_ar_model(config: Qwen3Config) -> Qwen3ForCausalLM:
-    return Qwen3ForCausalLM(config)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -578,7 +578,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def global_batch(cfg: TrainConfig, position: int, rank: int, world: int, own: OwnData | None = None) -> list[dict]:
+def process_batch(cfg: TrainConfig, position: int, rank: int, world: int, own: OwnData | None = None) -> list[dict]:
     """This process's contiguous slice of the global batch starting at `position` in the sample stream: the data
     engine's, or `own` data's (`cfg.data`), which is indexed by position the same way.
 
@@ -662,7 +662,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     run_steps = 0
     while step < cfg.steps:
         t0 = time.perf_counter()
-        samples = global_batch(cfg, position, accelerator.process_index, accelerator.num_processes, own)
+        samples = process_batch(cfg, position, accelerator.process_index, accelerator.num_processes, own)
         model.train()
         loss, parts = stage.loss(model, samples, sample_generators(cfg, samples))
         optimizer.zero_grad(set_to_none=True)
@@ -715,7 +715,7 @@ def evaluate_loss(cfg: TrainConfig, model: str | os.PathLike, samples: int) -> f
     total = 0.0
     with torch.no_grad():
         for start in range(0, samples, cfg.batch_size):
-            batch = global_batch(dataclasses.replace(cfg, batch_size=min(cfg.batch_size, samples - start)), start, 0, 1, own)
+            batch = process_batch(dataclasses.replace(cfg, batch_size=min(cfg.batch_size, samples - start)), start, 0, 1, own)
             loss, _ = stage.loss(stage.module, batch, sample_generators(cfg, batch))
             total += loss.item() * len(batch)
     return total / samples
@@ -804,7 +804,7 @@ def save_preview(path: Path, stage: Stage, module: nn.Module, cfg: TrainConfig, 
     from .fileio import save_png
     from .viz import image_grid
 
-    samples = global_batch(dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 10_000, paraphrase_probability=0.0), 0, 0, 1, own)
+    samples = process_batch(dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 10_000, paraphrase_probability=0.0), 0, 0, 1, own)
     module.eval()
     with torch.no_grad():
         strips = stage.preview(module, samples)
