@@ -281,7 +281,7 @@ def sample_rollouts(pipe, task: "GRPOTask", items: list, cfg: GRPOConfig, genera
     repeated = [item for item in items for _ in range(cfg.num_generations)]
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=0, top_p=1.0)
     if not uses_images(cfg.reward_weights, task.image_reward_names):
-        ids, mask, codes = task.plans(pipe, repeated, generator=generator, sampling=sampling)
+        ids, mask, codes = task.plans(pipe, repeated, sampling, generator)
         return Rollouts(repeated, ids, mask, codes.to(ids.device), None)
     noise = None
     if cfg.shared_noise:
@@ -326,10 +326,10 @@ class TextToImage:
         return pipe(texts, **options), *pipe.tokenize(texts)
 
     @staticmethod
-    def plans(pipe, prompts: list[Prompt], **options: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The AR inputs and the sampled blueprints, nothing rendered."""
-        texts = [p.text for p in prompts]
-        return *pipe.tokenize(texts), pipe.sample_blueprints(texts, **options)
+    def plans(pipe, prompts: list[Prompt], sampling: SamplingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The AR inputs and the blueprints sampled after them, nothing rendered."""
+        ids, mask = pipe.tokenize([p.text for p in prompts])
+        return ids, mask, pipe.written_blueprint(ids, mask, sampling, generator).codes
 
     def score(self, rollouts: Rollouts) -> Rewards:
         blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None
@@ -392,12 +392,12 @@ class Editing:
         return pipe.edit(sources, instructions, **options), inputs.input_ids, inputs.attention_mask
 
     @staticmethod
-    def plans(pipe, pairs: list[EditPair], **options: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def plans(pipe, pairs: list[EditPair], sampling: SamplingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The AR inputs of the edits (instruction and the source's blueprint as the model reads it) and the edit
         blueprints sampled after them, nothing rendered."""
-        sources, instructions = [render_scene(p.source) for p in pairs], [p.instruction for p in pairs]
-        inputs = pipe.edit_inputs(sources, instructions)
-        return inputs.input_ids, inputs.attention_mask, pipe.sample_blueprints(instructions, images=sources, **options)
+        inputs = pipe.edit_inputs([render_scene(p.source) for p in pairs], [p.instruction for p in pairs])
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        return ids, mask, pipe.written_blueprint(ids, mask, sampling, generator, edits=True).codes
 
     def score(self, rollouts: Rollouts) -> Rewards:
         blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None

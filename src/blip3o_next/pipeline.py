@@ -309,12 +309,13 @@ class Pipeline:
             ids, mask = inputs.input_ids, inputs.attention_mask
         else:
             ids, mask = self.tokenize(_texts(prompts, "prompt"))
-        return self._written_blueprint(ids, mask, sampling, _generator(generator, seed), edits).codes.cpu()
+        return self.written_blueprint(ids, mask, sampling, _generator(generator, seed), edits).codes.cpu()
 
-    def _written_blueprint(
+    def written_blueprint(
         self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, edits: bool = False
     ) -> Blueprint:
-        """The blueprint the AR model (the edit AR model for `edits`) samples, with its own hidden states."""
+        """The blueprint the AR model (the edit AR model for `edits`) samples after AR inputs that are already built
+        (`tokenize`, `edit_inputs`), with its own hidden states; RL rollouts, which keep those inputs, call it."""
         model = self.model
         return sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator,
                                 self.ar_decoders[edits], model.image_embedding)
@@ -328,7 +329,7 @@ class Pipeline:
         it in one teacher-forced pass, and the reader's states condition the renderer."""
         model = self.model
         if blueprints is None:
-            bp = self._written_blueprint(ids, mask, sampling, generator, edits)
+            bp = self.written_blueprint(ids, mask, sampling, generator, edits)
             if model.reader_ar is None:
                 return bp
             blueprints = bp.codes
