@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from blip3o_next.shapeworld.edits import (
-    EDIT_CATEGORIES, RESIZE_FACTORS, EditError, apply_edit, edit_suite, parse_instruction,
+    ADDED_SIZE, EDIT_CATEGORIES, RESIZE_FACTORS, EditError, apply_edit, edit_suite, find_referent, parse_instruction,
     paraphrase_instruction, sample_edit, EditSpec,
 )
 from blip3o_next.shapeworld.world import region_holds, relation_holds
@@ -72,3 +72,25 @@ def test_suite_is_deterministic():
     a, b = edit_suite(2, seed=9), edit_suite(2, seed=9)
     assert [x.to_dict() for x in a] == [x.to_dict() for x in b]
     assert len(a) == 2 * len(EDIT_CATEGORIES)
+
+
+@pytest.mark.parametrize("category", ["add", "move"])
+def test_nearest_placement_makes_the_target_a_function_of_source_and_instruction(category):
+    """With placement="nearest" add and move put the object at one place per pair (the same whatever the random
+    draws), which still satisfies the instruction; the other categories do not depend on placement."""
+    for seed in range(20):
+        pair = sample_edit(category, np.random.default_rng(seed), placement="nearest")
+        again = apply_edit(pair.source, pair.spec, np.random.default_rng(seed + 1000), placement="nearest")
+        assert again == pair.target
+        new = [o for o in pair.target.objects if o not in pair.source.objects]
+        assert len(new) == 1
+        obj = new[0]
+        if pair.spec.region:
+            assert region_holds(obj.box, pair.spec.region, 64)
+        else:
+            anchor = pair.source.objects[find_referent(pair.source, pair.spec.anchor_color, pair.spec.anchor_shape)]
+            assert relation_holds(obj.box, pair.spec.relation, anchor.box, 64)
+        if category == "add":
+            assert obj.size == ADDED_SIZE
+    with pytest.raises(ValueError, match="unknown placement"):
+        apply_edit(pair.source, pair.spec, np.random.default_rng(0), placement="random")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_next.autoregressive import SamplingConfig, forced_blueprint, sample_blueprint
+from blip3o_next.autoregressive import SamplingConfig, build_sequences, forced_blueprint, sample_blueprint
 from blip3o_next.cli import main
 from blip3o_next.evaluation import EditItem, edit_plan_summary
 from blip3o_next.grpo import GRPOConfig, train_grpo
@@ -93,6 +93,24 @@ def test_semantic_edit_sft_gives_one_model_that_edits_and_generates(semantic_edi
     again = pipe.edit(render(pair.source), pair.instruction, seed=0, num_inference_steps=2)
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(again.images[0]))
     assert pipe("a photo of a red circle", seed=0, num_inference_steps=2).blueprints.shape == (1, model.num_image_tokens)
+
+
+def test_edit_change_weight_weighs_the_answer_tokens_that_differ_from_the_reference(semantic_edit_dir):
+    """The edit's one changed token (the recolored circle's anchor) weighs edit_change_weight in the CE; copied
+    tokens, the instruction and every token of a text-to-image row weigh 1."""
+    model = Blip3oNext.from_pretrained(semantic_edit_dir)
+    model.config.edit_change_weight = 5.0
+    reference = encode_scene(SCENE)
+    recolored = encode_scene(dataclasses.replace(SCENE, objects=(dataclasses.replace(SCENE.objects[0], color="green"), SCENE.objects[1])))
+    slot = int(np.flatnonzero(np.asarray(recolored) != np.asarray(reference))[0])
+    ids, mask, labels = build_sequences(model.tokenizer, model.image_vocab, ["make the red circle green", "a photo of a green circle"],
+                                        torch.tensor([recolored, recolored]), 32, [reference, None])
+    index = model.image_span(ids)
+    weights = model.ce_token_weights(ids, index, torch.tensor([True, False]))
+    assert weights[1].eq(1).all() and weights[0].eq(5).sum() == 1
+    assert weights[0, index[0, 1 + slot] - 1] == 5  # the weight of predicting the answer's token in that slot
+    model.config.edit_change_weight = 1.0
+    assert model.ce_token_weights(ids, index, torch.tensor([True, False])).eq(1).all()
 
 
 def test_a_semantic_edit_keeps_the_reference_outside_what_its_blueprint_changes(semantic_edit_dir):

@@ -57,6 +57,9 @@ class Blip3oNextConfig:
     image_size: int = 64  # px of generated images
     ce_weight: float = 1.0  # loss = ce_weight * CE + flow_matching_weight * FM (official 1:1)
     flow_matching_weight: float = 1.0
+    # Edit SFT: weight of the CE on answer tokens that differ from the reference's token in the same slot (the edit
+    # itself); the copied tokens weigh 1. An edit changes 1-5 of 69 tokens, so at weight 1 copying dominates the loss.
+    edit_change_weight: float = 1.0
     condition_dropout: float = 0.1  # share of samples whose AR condition is zeroed (for CFG)
     timestep_sampling: str = "uniform"  # flow matching's training noise levels: "uniform" or "logit_normal" (diffusion.py)
     num_inference_steps: int = 30  # official defaults at inference
@@ -99,6 +102,8 @@ class Blip3oNextConfig:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if self.ce_weight < 0 or self.flow_matching_weight < 0:
             raise ValueError("loss weights must be non-negative")
+        if self.edit_change_weight < 1:
+            raise ValueError(f"edit_change_weight must be >= 1, got {self.edit_change_weight}")
         if self.condition_source not in CONDITION_SOURCES:
             raise ValueError(f"condition_source must be one of {', '.join(CONDITION_SOURCES)}, got {self.condition_source!r}")
         if self.editing and self.condition_source != "blueprint":
@@ -290,10 +295,10 @@ class Blip3oNext(nn.Module):
         hidden, token_log_p = self._ar_forward(input_ids, attention_mask, labels[:, 1:], is_edit)
         if self.reader_ar is not None:  # the renderer reads the blueprint through the reader (see __init__)
             hidden = self.reader_states(input_ids, attention_mask)
-        valid = (labels[:, 1:] != -100).float()
+        index = self.image_span(input_ids)
+        valid = (labels[:, 1:] != -100).float() * self.ce_token_weights(input_ids, index, is_edit)
         # Mean per sequence, then over the batch: the same loss however the batch is split across processes.
         ce = (-(token_log_p * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
-        index = self.image_span(input_ids)
         if self.config.condition_source == "prompt":
             condition = self.condition(*prompt_states(hidden, attention_mask, index[:, 0] - 1))
         else:
@@ -303,6 +308,18 @@ class Blip3oNext(nn.Module):
         fm = self._flow_matching_loss(latents, condition, generator, reference_latents, is_edit)
         loss = self.config.ce_weight * ce + self.config.flow_matching_weight * fm
         return Blip3oNextOutput(loss=loss, ce_loss=ce.detach(), flow_matching_loss=fm.detach())
+
+    def ce_token_weights(self, input_ids: torch.Tensor, index: torch.Tensor, is_edit: torch.Tensor | None) -> torch.Tensor:
+        """Per-target CE weights (B, T - 1): `edit_change_weight` on an edit's answer tokens that differ from the
+        reference's token in the same slot (the reference is the image span after the first <S0>), else 1."""
+        weights = torch.ones(input_ids.shape[0], input_ids.shape[1] - 1, device=input_ids.device)
+        if is_edit is None or self.config.edit_change_weight == 1 or not is_edit.any():
+            return weights
+        first = (input_ids == self.image_vocab.scales[0]).float().argmax(1, keepdim=True)
+        reference = input_ids.gather(1, first + torch.arange(1, self.span_length, device=input_ids.device))
+        answer = input_ids.gather(1, index[:, 1:])
+        changed = (answer != reference) & is_edit[:, None]
+        return weights.scatter(1, index[:, 1:] - 1, torch.where(changed, self.config.edit_change_weight, 1.0))
 
     def _ar_forward(self, input_ids, attention_mask, targets, is_edit=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Last-layer hidden states (B, T, H) and the log-probability of each next token `targets` (B, T - 1; 0

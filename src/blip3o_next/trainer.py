@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .fileio import InputError
+from .shapeworld.edits import PLACEMENTS
 
 if TYPE_CHECKING:
     from .lora import LoraSettings
@@ -73,6 +74,8 @@ class TrainConfig:
     category_weights: dict[str, float] | None = field(default=None, metadata={"help": "t2i category mix (default: all)"})
     edit_fraction: float = field(default=0.75, metadata={"help": "edit_sft: share of each batch that is edit pairs (the rest is t2i)"})
     edit_category_weights: dict[str, float] | None = field(default=None, metadata={"help": "edit_sft: edit category mix (default: all 9, keep included)"})
+    edit_placement: str = field(default="uniform", metadata={"help": "edit_sft: where add and move put their object: uniform (any free place "
+                                                               "that satisfies the instruction) or nearest (one place per pair; shapeworld.edits.PLACEMENTS)"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "older checkpoints are deleted"})
     log_every: int = field(default=10, metadata={"help": "steps between metric rows"})
@@ -118,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 < self.edit_fraction < 1:
             raise ValueError(f"edit_fraction must be in (0, 1) so that every batch mixes edits and t2i, got {self.edit_fraction}")
+        if self.edit_placement not in PLACEMENTS:
+            raise ValueError(f"edit_placement must be one of {', '.join(PLACEMENTS)}, got {self.edit_placement!r}")
         if self.stage == "pretrain" and not (self.text_tokenizer_dir and self.image_tokenizer_dir and self.vae_dir):
             raise ValueError("the pretrain stage needs text_tokenizer_dir, image_tokenizer_dir and vae_dir")
         if self.lora is not None:
@@ -614,7 +619,7 @@ def mixed_sample(cfg: TrainConfig, index: int) -> dict:
     from .shapeworld.dataset import edit_samples, t2i_samples
 
     if is_edit_position(index, cfg.edit_fraction):
-        s = next(edit_samples(cfg.seed, cfg.canvas, cfg.edit_category_weights, cfg.paraphrase_probability, start=index))
+        s = next(edit_samples(cfg.seed, cfg.canvas, cfg.edit_category_weights, cfg.paraphrase_probability, start=index, placement=cfg.edit_placement))
         return {**s, "image": s["target"], "scene": s["target_scene"], "reference": s["source"], "caption": s["instruction"],
                 "prompt": s["instruction"], "index": index}
     return {**next(t2i_samples(cfg.seed, cfg.canvas, cfg.category_weights, cfg.paraphrase_probability, start=index)), "index": index}

@@ -121,10 +121,10 @@ def _t2i_sample(rng: np.random.Generator, canvas: int, names: list[str], p: np.n
     return {"image": render(scene), **_json_ready(meta)}
 
 
-def _edit_sample(rng: np.random.Generator, canvas: int, names: list[str], p: np.ndarray, paraphrase_probability: float) -> Sample:
+def _edit_sample(rng: np.random.Generator, canvas: int, names: list[str], p: np.ndarray, paraphrase_probability: float, placement: str) -> Sample:
     """One edit sample, rendered on both sides so a trainer needs no renderer."""
     category = str(rng.choice(names, p=p))
-    pair = sample_edit(category, rng, canvas, paraphrase=bool(rng.random() < paraphrase_probability))
+    pair = sample_edit(category, rng, canvas, paraphrase=bool(rng.random() < paraphrase_probability), placement=placement)
     return {"source": render(pair.source), "target": render(pair.target), **_json_ready(pair.to_dict())}
 
 
@@ -160,16 +160,17 @@ def edit_samples(
     *,
     stream: StreamId = (0, 0),
     start: int = 0,
+    placement: str = "uniform",
 ) -> Iterator[Sample]:
     """Infinite edit samples.
 
     Each is {"source", "target": (S, S, 3) uint8, "instruction", "category", "spec", "source_scene", "target_scene"}.
     The instruction is canonical, or with `paraphrase_probability` a paraphrase. Other arguments as in t2i_samples
-    (default weights DEFAULT_EDIT_WEIGHTS).
+    (default weights DEFAULT_EDIT_WEIGHTS); `placement` as in `edits.sample_edit`.
     """
     _check_stream_args(seed, canvas, paraphrase_probability, stream, start)
     names, p = _category_distribution(category_weights, DEFAULT_EDIT_WEIGHTS, EDIT_CATEGORIES)
-    return (_edit_sample(_sample_rng(seed, "edit", stream, i), canvas, names, p, paraphrase_probability) for i in count(start))
+    return (_edit_sample(_sample_rng(seed, "edit", stream, i), canvas, names, p, paraphrase_probability, placement) for i in count(start))
 
 
 def _samples_fn(kind: str) -> Callable[..., Iterator[Sample]]:

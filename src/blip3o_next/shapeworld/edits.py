@@ -14,7 +14,7 @@ import numpy as np
 
 from .prompts import random_word
 from .render import make_text
-from .sampler import PlacementError, fits, place_shape, sample_scene
+from .sampler import PlacementError, fits, place_shape, place_shape_nearest, sample_scene
 from .world import (
     BACKGROUNDS,
     COLORS,
@@ -35,6 +35,12 @@ from .world import (
 
 EDIT_CATEGORIES = ("add", "remove", "replace", "recolor", "move", "resize", "background", "text", "keep")
 RESIZE_FACTORS = {"bigger": 1.4, "smaller": 0.7}
+# Where add and move put an object: "uniform" draws any free place that satisfies the instruction (the data
+# engine's default); "nearest" takes the one nearest to a fixed point (added objects: the anchor's centre or the
+# region's middle, at size ADDED_SIZE; moved objects: where they were), so the target is a function of the pair.
+PLACEMENTS = ("uniform", "nearest")
+ADDED_SIZE = 16
+REGION_POINTS = {"left side": (0.2, 0.5), "right side": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8), "center": (0.5, 0.5)}
 
 
 class EditError(ValueError):
@@ -209,8 +215,10 @@ def _replace_object(scene: Scene, index: int, obj: ShapeObject) -> Scene:
     return scene.with_objects(objects)
 
 
-def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator) -> Scene:
-    """One valid target scene for `spec` applied to `source` (add/move draw a free position)."""
+def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator, placement: str = "uniform") -> Scene:
+    """One valid target scene for `spec` applied to `source` (add/move place the object as `placement` says)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose from {', '.join(PLACEMENTS)}")
     S = source.canvas
     c = spec.category
     if c == "keep":
@@ -244,8 +252,12 @@ def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator) -> Scene
                 return relation_holds(box, spec.relation, anchor, S, slack=SAMPLING_SLACK)
             return region_holds(box, spec.region, S, slack=SAMPLING_SLACK)
 
-        size = float(rng.integers(12, 21)) * scale(S)
-        obj = place_shape(rng, S, spec.new_shape, spec.new_color, size, _boxes_except(source, None), accept)
+        occupied = _boxes_except(source, None)
+        if placement == "nearest":
+            point = (anchor.cx, anchor.cy) if anchor is not None else tuple(v * S for v in REGION_POINTS[spec.region])
+            obj = place_shape_nearest(S, spec.new_shape, spec.new_color, ADDED_SIZE * scale(S), occupied, point, accept)
+        else:
+            obj = place_shape(rng, S, spec.new_shape, spec.new_color, float(rng.integers(12, 21)) * scale(S), occupied, accept)
         if obj is None:
             raise EditError("no free place for the new object")
         return source.with_objects(source.objects + (obj,))
@@ -271,7 +283,11 @@ def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator) -> Scene
     if c == "move":
         if region_holds(old.box, spec.region, S):
             raise EditError(f"the {old.shape} is already on the {spec.region}")
-        moved = place_shape(rng, S, old.shape, old.color, old.size, others, lambda box: region_holds(box, spec.region, S, slack=SAMPLING_SLACK))
+        in_region = lambda box: region_holds(box, spec.region, S, slack=SAMPLING_SLACK)  # noqa: E731
+        if placement == "nearest":
+            moved = place_shape_nearest(S, old.shape, old.color, old.size, others, (old.cx, old.cy), in_region)
+        else:
+            moved = place_shape(rng, S, old.shape, old.color, old.size, others, in_region)
         if moved is None:
             raise EditError(f"no free place on the {spec.region}")
         return _replace_object(source, index, moved)
@@ -322,8 +338,11 @@ def _source_for(category: str, rng: np.random.Generator, canvas: int) -> Scene:
     return sample_scene(rng, canvas, max_shapes=max_shapes, text_probability=text_probability, colored_text_probability=0.0)
 
 
-def sample_edit(category: str, rng: np.random.Generator, canvas: int = 64, paraphrase: bool = False, tries: int = 200) -> EditPair:
-    """A random edit pair of one category; the instruction is canonical unless `paraphrase`."""
+def sample_edit(
+    category: str, rng: np.random.Generator, canvas: int = 64, paraphrase: bool = False, tries: int = 200, placement: str = "uniform"
+) -> EditPair:
+    """A random edit pair of one category; the instruction is canonical unless `paraphrase`; add and move place
+    their object as `placement` says (see PLACEMENTS)."""
     check_canvas(canvas)
     if category not in EDIT_CATEGORIES:
         raise ValueError(f"unknown edit category {category!r}; choose from {', '.join(EDIT_CATEGORIES)}")
@@ -331,7 +350,7 @@ def sample_edit(category: str, rng: np.random.Generator, canvas: int = 64, parap
         source = _source_for(category, rng, canvas)
         try:
             spec = random_spec(source, category, rng)
-            target = apply_edit(source, spec, rng)
+            target = apply_edit(source, spec, rng, placement)
         except EditError:
             continue
         text = paraphrase_instruction(spec, rng) if paraphrase else instruction_text(spec)
