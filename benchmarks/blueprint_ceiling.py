@@ -2,7 +2,7 @@
 
     python benchmarks/blueprint_ceiling.py                          # the bundled tiny model, 50 prompts per category
     python benchmarks/blueprint_ceiling.py --model PATH --json out.json
-    python benchmarks/blueprint_ceiling.py --edits                  # the bundled tiny-edit model on the imgedit suite
+    python benchmarks/blueprint_ceiling.py --edits                  # the bundled tiny model on the imgedit suite
 
 For each prompt of the held-out suite, a ground-truth scene is rendered and encoded by the image tokenizer (for a
 semantic blueprint: written exactly by the codec, `semantic_blueprint.encode_scene`). Those codes are teacher-forced through the AR model (`Pipeline(..., blueprints=)`), whose hidden states condition the
@@ -86,7 +86,7 @@ def edit_ceiling(pipe: Pipeline, args: argparse.Namespace) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="bundled model name or checkpoint folder (default: tiny, or tiny-edit with --edits)")
+    parser.add_argument("--model", help="bundled model name or checkpoint folder", default="tiny")
     parser.add_argument("--edits", action="store_true", help="the imgedit suite instead of GenEval-ShapeWorld")
     parser.add_argument("--per-category", type=int, help="prompts or edits per category, as in `blip3o eval` (default: 50, or 30 with --edits)")
     parser.add_argument("--suite-seed", type=int, default=0, help="which fixed suite")
@@ -94,7 +94,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args()
-    args.model = args.model or ("tiny-edit" if args.edits else "tiny")
     args.per_category = args.per_category or (30 if args.edits else 50)
 
     pipe = Pipeline.from_pretrained(args.model)

@@ -470,8 +470,8 @@ def _add_output_args(parser: argparse.ArgumentParser, default: str, per_input: s
     parser.add_argument("--show-blueprint", action="store_true", help="also save each blueprint's decoded preview as *_blueprint.png")
 
 
-def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
-    parser.add_argument("--model", default=default_model, help="a bundled model name (tiny, tiny-edit) or a checkpoint folder")
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="the bundled model name (tiny: generates and edits) or a checkpoint folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (batch k uses seed + k)")
     parser.add_argument("--batch-size", type=_positive, default=16, help="images generated together")
     parser.add_argument("--steps", type=_steps, help=f"diffusion steps, 1-{MAX_STEPS} (default: the model's)")
@@ -487,13 +487,13 @@ def _add_preserve_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preserve", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the image where the edit's blueprint keeps the reference's tokens, and redraw only the rest "
                              "(blended latent diffusion, plus the reference's own pixels there with the model's edit_paste_unchanged; "
-                             "default: the model's edit_preserve_unchanged; both on for tiny-edit)")
+                             "default: the model's edit_preserve_unchanged; both on for tiny)")
 
 
 def _add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute; bfloat16 ran 1.3-2x faster on a CPU with AVX-512 BF16 and scored like float32 "
-                             "(GenEval of a VQ-blueprint model 0.264 vs 0.263; edit success of tiny-edit with --no-preserve 0.122 vs 0.119), but its images differ in detail")
+                             "(GenEval of a VQ-blueprint model 0.264 vs 0.263; edit success of a VQ-blueprint edit model with --no-preserve 0.122 vs 0.119), but its images differ in detail")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the AR step and the diffusion transformer: faster images after a one-off compilation "
                              "of tens of seconds per batch size; worth it for many images, not for one")
@@ -538,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser(
         "train", help="run a training stage (image_tokenizer, semantic_tokenizer, vae, pretrain, sft, edit_sft, grpo) or a whole recipe from YAML", formatter_class=fmt,
         description="Train one stage, or a recipe of stages (e.g. configs/tiny/recipe.yaml trains the semantic-blueprint "
-        "text-to-image model from scratch; configs/tiny/rl_recipe.yaml then tunes it with GRPO into the bundled tiny; "
-        "configs/tiny/edit_recipe.yaml trains the VQ-blueprint model and its editing, the bundled tiny-edit). Each stage "
+        "text-to-image model from scratch; configs/tiny/rl_recipe.yaml then tunes it with GRPO; configs/tiny/edit_recipe.yaml "
+        "then teaches it editing, which gives the bundled tiny). Each stage "
         "resumes from the newest checkpoint in its output folder. Runs under `accelerate launch` or `torchrun` for several "
         "processes. `blip3o train grpo --config CONFIG` runs reinforcement learning (GRPO on the AR model; settings: "
         "blip3o_next.grpo.GRPOConfig): configs/tiny/6_semantic_grpo.yaml tunes a semantic-blueprint model on plan rewards "
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     edit_cmd = commands.add_parser(
-        "edit", help="edit an image by an instruction (default: the bundled tiny-edit model)", formatter_class=fmt,
+        "edit", help="edit an image by an instruction (default: the bundled tiny model)", formatter_class=fmt,
         description="Image editing: the AR model reads the instruction and the image's tokens and writes the edited blueprint; "
         "the diffusion model renders it from the image's latents. Images of another size are resized to the model's, with a "
         'notice. Example: blip3o edit in.png "make the red circle blue" -o out.png',
@@ -582,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                           'star to the top left", "make the blue star bigger", "change the background to black", \'change the text to '
                           '"WORD"\', "keep the image unchanged"')
     _add_output_args(edit_cmd, "edited.png", "outputs (different samples of the same edit)", "source | output pairs")
-    _add_model_args(edit_cmd, default_model="tiny-edit")
+    _add_model_args(edit_cmd)
     _add_preserve_arg(edit_cmd)
     edit_cmd.set_defaults(func=cmd_edit)
 
@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     srv = commands.add_parser(
-        "serve", help="serve the web demo and the HTTP JSON API (default: the bundled tiny-edit model on 127.0.0.1:7860)",
+        "serve", help="serve the web demo and the HTTP JSON API (default: the bundled tiny model on 127.0.0.1:7860)",
         formatter_class=fmt,
         description="Load the model once and serve a web page (text to image and edit tabs) plus a JSON API on one local "
         "server: POST /api/generate, POST /api/edit, GET /health. Requests run one at a time; at most --queue-size wait, "
@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes an unauthenticated server)")
     srv.add_argument("--port", type=_port, default=7860, help="TCP port")
-    srv.add_argument("--model", default="tiny-edit", help="a bundled model name (tiny-edit generates and edits; tiny only generates) or a checkpoint folder")
+    srv.add_argument("--model", default="tiny", help="the bundled model name (tiny: generates and edits) or a checkpoint folder")
     srv.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     _add_speed_args(srv)
     srv.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
@@ -660,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imgedit.add_argument("--per-category", type=_positive, default=30, help="edit pairs per category")
     imgedit.add_argument("--suite-seed", type=int, default=0, help="which fixed suite of edit pairs")
-    _add_model_args(imgedit, default_model="tiny-edit")
+    _add_model_args(imgedit)
     _add_preserve_arg(imgedit)
     _add_report_args(imgedit, "imgedit", "source | output pairs")
     imgedit.set_defaults(func=cmd_eval_imgedit)

@@ -1,9 +1,9 @@
 """Text-to-image generation and image editing with a BLIP3o-NEXT model.
 
-    pipe = Pipeline.from_pretrained("tiny")  # a bundled model ("tiny", "tiny-edit") or a checkpoint folder
+    pipe = Pipeline.from_pretrained("tiny")  # the bundled model, or a checkpoint folder
     out = pipe(["a photo of a red circle left of a blue star"], seed=0)
     out.images[0].save("out.png"); out.blueprint_previews[0]
-    edited = Pipeline.from_pretrained("tiny-edit").edit(out.images[0], "make the red circle green", seed=0).images[0]
+    edited = pipe.edit(out.images[0], "make the red circle green", seed=0).images[0]
 
 Steps: (1) check inputs, (2) tokenize prompts (left-padded, truncated with a warning); for an edit, the
 instruction followed by the reference image's tokens, (3) sample the blueprint and its hidden states in one
@@ -37,10 +37,10 @@ from .vae import decode_latents, encode_latents
 
 logger = logging.getLogger(__name__)
 
-# Shipped with the package (float16). "tiny" is the semantic-blueprint text-to-image model after GRPO
-# (docs/semantic_blueprint.md, docs/rl_semantic.md); "tiny-edit" is the VQ-blueprint model after GRPO (docs/rl.md) and
-# edit SFT (docs/editing.md). It also generates, with that model's AR model unchanged.
-BUNDLED_MODELS = {name: Path(__file__).parent / "weights" / name for name in ("tiny", "tiny-edit")}
+# Shipped with the package (float16). "tiny" is the semantic-blueprint model that generates and edits with one AR
+# model: text-to-image training and GRPO (docs/semantic_blueprint.md, docs/rl_semantic.md), then edit SFT and GRPO
+# (docs/editing.md).
+BUNDLED_MODELS = {"tiny": Path(__file__).parent / "weights" / "tiny"}
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:

@@ -1,6 +1,6 @@
 """`blip3o serve`: one local server with the web demo (gradio) and an HTTP JSON API over one shared pipeline.
 
-    app = create_app(Pipeline.from_pretrained("tiny-edit"), ServerConfig())
+    app = create_app(Pipeline.from_pretrained("tiny"), ServerConfig())
     uvicorn.run(app, host="127.0.0.1", port=7860)
 
 Routes:
