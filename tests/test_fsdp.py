@@ -14,6 +14,7 @@ import yaml
 
 from blip3o_next.fileio import InputError
 from blip3o_next.fsdp import check_shards, shard_name
+from blip3o_next.grpo import GRPOConfig
 from blip3o_next.trainer import TrainConfig, latest_checkpoint, train
 
 from conftest import final_state, pretrain_config
@@ -108,3 +109,15 @@ def test_fsdp_refuses_what_it_cannot_shard():
     with pytest.raises(ValueError, match="float32 or bf16"):
         TrainConfig(stage="sft", init_from="tiny", fsdp=True, mixed_precision="fp16")
 
+
+NEXT3B = ROOT / "configs" / "next-3b"
+
+
+def test_next3b_configs_hold_the_official_recipe():
+    """system.md item 11 (pretrain, SFT) and item 10 (RL); the files load into their dataclasses."""
+    pretrain, sft = TrainConfig.from_yaml(NEXT3B / "pretrain.yaml"), TrainConfig.from_yaml(NEXT3B / "sft.yaml")
+    assert (pretrain.lr, pretrain.steps, pretrain.batch_size, pretrain.fsdp) == (1e-4, 336_000, 512, True)
+    assert (sft.lr, sft.steps, sft.batch_size, sft.fsdp) == (5e-5, 7_000, 128, True)
+    grpo = {name: GRPOConfig.from_yaml(NEXT3B / f"{name}.yaml") for name in ("grpo", "grpo_text")}
+    assert all((g.beta, g.num_generations) == (0.001, 16) for g in grpo.values())
+    assert (grpo["grpo"].lr, grpo["grpo_text"].lr) == (5e-6, 1e-6)
