@@ -12,6 +12,7 @@ from blip3o_next.modeling import Blip3oNext, build_model, tiny_parts_configs
 from blip3o_next.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.text_tokenizer import train_text_tokenizer
+from blip3o_next.trainer import TrainConfig
 from blip3o_next.vae import encode_latents
 
 
@@ -63,3 +64,28 @@ def semantic_model() -> Blip3oNext:
     torch.manual_seed(0)
     encoder = SemanticEncoder(channels=(8, 8, 8, 8), width=16, layers=1, attention_heads=2)
     return build_model(tok, small_configs(0, semantic=True), image_tokenizer=encoder).eval()
+
+
+@pytest.fixture(scope="module")
+def parts_dirs(model_and_batch, tmp_path_factory):
+    """The frozen parts a pretrain stage starts from, saved as the earlier stages would."""
+    model = model_and_batch[0]
+    root = tmp_path_factory.mktemp("parts")
+    model.tokenizer.save_pretrained(root / "text_tokenizer")
+    model.image_tokenizer.save_pretrained(root / "image_tokenizer")
+    model.vae.save_pretrained(root / "vae")
+    overrides = {k: v for k, v in small_configs(0).items() if k in ("ar", "connector", "transformer")}
+    overrides["ar"].pop("vocab_size")
+    return root, overrides
+
+
+def pretrain_config(parts_dirs, out: Path, **kw) -> TrainConfig:
+    root, overrides = parts_dirs
+    base = dict(stage="pretrain", output_dir=str(out), steps=4, batch_size=2, lr=3e-3, warmup_steps=1, checkpoint_every=2,
+                log_every=1, text_tokenizer_dir=str(root / "text_tokenizer"), image_tokenizer_dir=str(root / "image_tokenizer"),
+                vae_dir=str(root / "vae"), parts=overrides)
+    return TrainConfig(**{**base, **kw})
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    return Blip3oNext.from_pretrained(out / "final").state_dict()

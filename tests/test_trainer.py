@@ -13,37 +13,11 @@ import torch
 import yaml
 
 from blip3o_next.fileio import InputError
-from blip3o_next.modeling import Blip3oNext
 from blip3o_next.grpo import GRPOConfig
 from blip3o_next.recipes import Recipe, is_recipe, read_stage
 from blip3o_next.trainer import TrainConfig, latest_checkpoint, param_groups, train
 
-from conftest import small_configs
-
-
-@pytest.fixture(scope="module")
-def parts_dirs(model_and_batch, tmp_path_factory):
-    """The frozen parts a pretrain stage starts from, saved as the earlier stages would."""
-    model = model_and_batch[0]
-    root = tmp_path_factory.mktemp("parts")
-    model.tokenizer.save_pretrained(root / "text_tokenizer")
-    model.image_tokenizer.save_pretrained(root / "image_tokenizer")
-    model.vae.save_pretrained(root / "vae")
-    overrides = {k: v for k, v in small_configs(0).items() if k in ("ar", "connector", "transformer")}
-    overrides["ar"].pop("vocab_size")
-    return root, overrides
-
-
-def pretrain_config(parts_dirs, out: Path, **kw) -> TrainConfig:
-    root, overrides = parts_dirs
-    base = dict(stage="pretrain", output_dir=str(out), steps=4, batch_size=2, lr=3e-3, warmup_steps=1, checkpoint_every=2,
-                log_every=1, text_tokenizer_dir=str(root / "text_tokenizer"), image_tokenizer_dir=str(root / "image_tokenizer"),
-                vae_dir=str(root / "vae"), parts=overrides)
-    return TrainConfig(**{**base, **kw})
-
-
-def final_state(out: Path) -> dict[str, torch.Tensor]:
-    return Blip3oNext.from_pretrained(out / "final").state_dict()
+from conftest import final_state, pretrain_config
 
 
 def test_kill_and_resume_matches_uninterrupted(parts_dirs, tmp_path):
@@ -173,7 +147,8 @@ def test_lr_scales_give_prefixed_parameters_their_own_learning_rate():
         param_groups(module, 1e-3, {"nwe": 10.0})
 
 
-COMMITTED_CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = Path(__file__).parents[1] / "configs"
+COMMITTED_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS / "accelerate")  # not accelerate's launch files
 
 
 @pytest.mark.parametrize("path", COMMITTED_CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))

@@ -1,15 +1,16 @@
 """Training on accelerate: one loop for every stage (image tokenizer, VAE, pretrain, SFT), configured by YAML.
 
 Reads like nanoGPT's train.py: settings, data, model, optimizer, then the loop. Runs unchanged under
-`accelerate launch` or `torchrun` (DDP; gloo on CPU). The data is one global stream indexed by sample
-position (the data engine's, or with `data:` your own shards', `own_data.py`): every step takes the next `batch_size`
-samples and each process its contiguous slice, so a run with N processes sees exactly the batches of a single-process
-run.
+`accelerate launch` or `torchrun` (DDP; with `fsdp: true` FSDP, `fsdp.py`; gloo on CPU). The data is one global
+stream indexed by sample position (the data engine's, or with `data:` your own shards', `own_data.py`): every step
+takes the next `batch_size` samples and each process its contiguous slice, so a run with N processes sees exactly the
+batches of a single-process run.
 
 Checkpoints (`output_dir/checkpoint-<step>/`) hold the model in its Hugging Face format (LoRA SFT: only the
 adapters, in peft's format), the optimizer state and RNG states in safetensors, and the step, data position and
 LR-scheduler state in JSON. They are written to a temporary folder and renamed into place, so a run killed at any
-moment resumes from the last complete one.
+moment resumes from the last complete one. Under FSDP a checkpoint holds one shard file per process instead of
+`model/`, the optimizer and RNG files (`fsdp.py`), and `final/` is the whole model as without it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .fileio import InputError
+from .fsdp import check_shards, gather_full_model, like_param, load_shard, local, meta_copy, save_shard, shard_model, shard_name
 from .shapeworld.edits import PLACEMENTS
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("image_tokenizer", "semantic_tokenizer", "vae", "pretrain", "sft", "edit_sft")
 SCENE_STAGES = ("image_tokenizer", "semantic_tokenizer")  # their losses read the data engine's scenes
+MODEL_STAGES = ("pretrain", "sft", "edit_sft")  # the stages that train the whole model (the ones FSDP shards)
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -79,7 +82,14 @@ class TrainConfig:
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "older checkpoints are deleted"})
     log_every: int = field(default=10, metadata={"help": "steps between metric rows"})
-    mixed_precision: str = field(default="no", metadata={"help": "no / fp16 / bf16 (accelerate)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no / fp16 / bf16 (accelerate; with fsdp, no / bf16)"})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "pretrain / sft / edit_sft with several processes: shard the weights, gradients and optimizer state "
+                  "over them (FSDP2) instead of a whole copy per process (DDP). Checkpoints hold one shard file per process "
+                  "(resume with the same process count); final/ is the whole model. No sample grids, EMA or LoRA; one process "
+                  "runs unsharded"},
+    )
     ema_decay: float = field(
         default=0.0, metadata={"help": "EMA of the trained weights (diffusers' EMAModel), used for sample grids and the final model; 0 = off"}
     )
@@ -129,6 +139,17 @@ class TrainConfig:
             self.lora_settings()  # a bad setting fails here, before any model loads
         if self.data is not None and self.stage in SCENE_STAGES:
             raise ValueError(f"the {self.stage} stage learns from the data engine's scenes, which own data has none of; leave data unset")
+        if self.fsdp:
+            self.check_fsdp()
+
+    def check_fsdp(self) -> None:
+        """FSDP shards the model stages' Blip3oNext; the other stages' modules are small enough to copy to every process."""
+        if self.stage not in MODEL_STAGES:
+            raise ValueError(f"fsdp shards the {', '.join(MODEL_STAGES)} models, not the {self.stage} stage's; leave fsdp unset")
+        if self.lora is not None or self.ema_decay:
+            raise ValueError("fsdp does not combine with lora or ema_decay; unset one of them")
+        if self.mixed_precision == "fp16":
+            raise ValueError("fsdp computes in float32 or bf16; set mixed_precision to no or bf16")
 
     def lora_settings(self) -> LoraSettings:
         """The `lora` mapping, checked: only SFT adapts a trained model (pretrain's parts start random, and edit SFT's
@@ -502,23 +523,25 @@ def make_stage(cfg: TrainConfig, own: OwnData | None = None) -> Stage:
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (safetensors) and the rest (JSON): no pickle."""
+    """Split an optimizer state dict into tensors (safetensors; under FSDP this process's pieces) and the rest
+    (JSON): no pickle."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{pid}.{key}"] = local(value)
             else:
                 scalars.setdefault(str(pid), {})[key] = value
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
 def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state dict's parameter indices
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
+        state.setdefault(int(pid), {})[key] = like_param(value, params[int(pid)])
     for pid, values in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
@@ -557,6 +580,9 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, ema: EMAModel | None = None) -> tuple[int, int]:
     """Restore weights, optimizer, scheduler, RNG and EMA; returns (step, data position)."""
     state = json.loads((path / "trainer_state.json").read_text())
+    if "shards" in state:
+        n = state["shards"]
+        raise InputError(f"{path}: a sharded checkpoint of {n} processes; resume it with fsdp: true and {n} processes")
     if ema is not None:
         if "ema_step" not in state:
             raise InputError(f"{path}: has no EMA weights, but ema_decay is set; resume with the config it was trained with")
@@ -569,6 +595,44 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, ema: EMAMode
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
+    return state["step"], state["data_position"]
+
+
+def save_sharded_checkpoint(
+    output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, data_position: int, accelerator: Accelerator
+) -> Path:
+    """FSDP's checkpoint-<step>: every process writes its shard file into one temporary folder (on storage all
+    processes share), then the main process adds trainer_state.json and renames the folder into place."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = output_dir / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    tensors, meta = _optimizer_to_files(optimizer)
+    save_shard(tmp / shard_name(accelerator.process_index, accelerator.num_processes), model, tensors)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "data_position": data_position, "optimizer": meta, "scheduler": scheduler.state_dict(),
+                 "shards": accelerator.num_processes}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, accelerator: Accelerator) -> tuple[int, int]:
+    """Restore this process's shard of the weights and optimizer state, its RNG, and the scheduler; returns (step,
+    data position)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if "shards" not in state:
+        raise InputError(f"{path}: not a sharded checkpoint; resume it with the fsdp setting and process count that wrote it")
+    check_shards(path, accelerator.num_processes, state["shards"])
+    tensors = load_shard(path / shard_name(accelerator.process_index, accelerator.num_processes), model)
+    _optimizer_from_files(optimizer, tensors, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     return state["step"], state["data_position"]
 
 
@@ -652,6 +716,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     stage = make_stage(cfg, own)
     if cfg.train_only:
         freeze_all_but(stage.module, cfg.train_only)
+    sharded = cfg.fsdp and accelerator.num_processes > 1
+    skeleton = None
+    if sharded:  # before the optimizer is built: it must hold the sharded parameters
+        skeleton = meta_copy(stage.module) if accelerator.is_main_process else None
+        shard_model(stage.module, accelerator.device, accelerator.num_processes, cfg.mixed_precision)
     params = [p for p in stage.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(stage.module, cfg.lr, cfg.lr_scales or {}), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -659,9 +728,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     step, position = 0, 0
     resume = latest_checkpoint(out)
     if resume is not None:
-        step, position = load_checkpoint(resume, stage, optimizer, scheduler, ema)
+        if sharded:
+            step, position = load_sharded_checkpoint(resume, stage.module, optimizer, scheduler, accelerator)
+        else:
+            step, position = load_checkpoint(resume, stage, optimizer, scheduler, ema)
         logger.info("resumed from %s (step %d)", resume, step)
-    model, optimizer = accelerator.prepare(stage.module, optimizer)
+    model, optimizer = (stage.module, optimizer) if sharded else accelerator.prepare(stage.module, optimizer)
     metrics = MetricsLog(out, enabled=accelerator.is_main_process)
     bar = tqdm(total=cfg.steps, initial=step, disable=not accelerator.is_main_process, desc=cfg.stage)
     run_steps = 0
@@ -687,7 +759,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         bar.set_postfix(loss=f"{mean_loss:.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             metrics.add(step, {"loss": mean_loss, **parts, "lr": scheduler.get_last_lr()[0], "samples_per_s": cfg.batch_size / (time.perf_counter() - t0)})
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
+        if at_checkpoint and sharded:
+            save_sharded_checkpoint(out, step, model, optimizer, scheduler, position, accelerator)
+            if accelerator.is_main_process:
+                prune_checkpoints(out, cfg.keep_checkpoints)
+                metrics.plot()
+        elif at_checkpoint:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(model)
@@ -701,10 +779,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
             break
     bar.close()
     metrics.close()
-    check_replicas(accelerator, params, out)
-    if step >= cfg.steps and accelerator.is_main_process:
-        with averaged_weights(ema, params):
-            stage.save_final(accelerator.unwrap_model(model), out / "final")
+    if sharded and step >= cfg.steps:
+        whole = gather_full_model(model, skeleton)  # every process sends its shards; the main one gets the model
+        if accelerator.is_main_process:
+            stage.save_final(whole, out / "final")
+    elif not sharded:
+        check_replicas(accelerator, params, out)
+        if step >= cfg.steps and accelerator.is_main_process:
+            with averaged_weights(ema, params):
+                stage.save_final(accelerator.unwrap_model(model), out / "final")
     accelerator.wait_for_everyone()
     return out
 
