@@ -76,9 +76,14 @@ def gather_full_model(model: nn.Module, skeleton: nn.Module | None) -> nn.Module
     return skeleton
 
 
+def local_view(t: torch.Tensor) -> torch.Tensor:
+    """This process's piece of a sharded tensor, in place (a plain tensor is its own piece)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's piece of a sharded tensor (a plain tensor is its own piece), ready for safetensors."""
-    return (t.to_local() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
+    """This process's piece of a sharded tensor, copied to the CPU for safetensors."""
+    return local_view(t).detach().cpu().contiguous()
 
 
 def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -135,14 +140,14 @@ def load_shard(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         saved = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path}: unreadable shard ({str(e).strip().splitlines()[0]})") from None
-    pieces = model_pieces(model)
+    pieces = {f"model.{name}": local_view(t) for name, t in model_state(model).items()}
     for key, piece in pieces.items():
         if key not in saved:
             raise InputError(f"{path}: has no {key}; was it written for this model?")
         if saved[key].shape != piece.shape:
             raise InputError(f"{path}: {key} has shape {tuple(saved[key].shape)}, this process holds {tuple(piece.shape)}")
     with torch.no_grad():
-        for name, t in model_state(model).items():
-            (t.to_local() if isinstance(t, DTensor) else t).copy_(saved[f"model.{name}"])
+        for key, piece in pieces.items():
+            piece.copy_(saved[key])
     torch.set_rng_state(saved["rng.torch"])
     return {k.removeprefix("optimizer."): v for k, v in saved.items() if k.startswith("optimizer.")}

@@ -215,6 +215,14 @@ def _replace_object(scene: Scene, index: int, obj: ShapeObject) -> Scene:
     return scene.with_objects(objects)
 
 
+def _place(placement: str, rng: np.random.Generator, canvas: int, shape: str, color: str, size: float, occupied: list,
+           accept, point: tuple[float, float]) -> ShapeObject | None:
+    """An added or moved object's place: a uniformly drawn free one, or with "nearest" the free one nearest `point`."""
+    if placement == "nearest":
+        return place_shape_nearest(canvas, shape, color, size, occupied, point, accept)
+    return place_shape(rng, canvas, shape, color, size, occupied, accept)
+
+
 def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator, placement: str = "uniform") -> Scene:
     """One valid target scene for `spec` applied to `source` (add/move place the object as `placement` says)."""
     if placement not in PLACEMENTS:
@@ -252,12 +260,9 @@ def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator, placemen
                 return relation_holds(box, spec.relation, anchor, S, slack=SAMPLING_SLACK)
             return region_holds(box, spec.region, S, slack=SAMPLING_SLACK)
 
-        occupied = _boxes_except(source, None)
-        if placement == "nearest":
-            point = (anchor.cx, anchor.cy) if anchor is not None else tuple(v * S for v in REGION_POINTS[spec.region])
-            obj = place_shape_nearest(S, spec.new_shape, spec.new_color, ADDED_SIZE * scale(S), occupied, point, accept)
-        else:
-            obj = place_shape(rng, S, spec.new_shape, spec.new_color, float(rng.integers(12, 21)) * scale(S), occupied, accept)
+        size = ADDED_SIZE * scale(S) if placement == "nearest" else float(rng.integers(12, 21)) * scale(S)
+        point = (anchor.cx, anchor.cy) if anchor is not None else tuple(v * S for v in REGION_POINTS[spec.region])
+        obj = _place(placement, rng, S, spec.new_shape, spec.new_color, size, _boxes_except(source, None), accept, point)
         if obj is None:
             raise EditError("no free place for the new object")
         return source.with_objects(source.objects + (obj,))
@@ -284,10 +289,7 @@ def apply_edit(source: Scene, spec: EditSpec, rng: np.random.Generator, placemen
         if region_holds(old.box, spec.region, S):
             raise EditError(f"the {old.shape} is already on the {spec.region}")
         in_region = lambda box: region_holds(box, spec.region, S, slack=SAMPLING_SLACK)  # noqa: E731
-        if placement == "nearest":
-            moved = place_shape_nearest(S, old.shape, old.color, old.size, others, (old.cx, old.cy), in_region)
-        else:
-            moved = place_shape(rng, S, old.shape, old.color, old.size, others, in_region)
+        moved = _place(placement, rng, S, old.shape, old.color, old.size, others, in_region, (old.cx, old.cy))
         if moved is None:
             raise EditError(f"no free place on the {spec.region}")
         return _replace_object(source, index, moved)
