@@ -22,10 +22,10 @@ WEIGHT_LIMIT_MB = 60
 FLOORS = {"overall": 0.82, "partial": 0.73, "text_partial": 0.42, "dense_partial": 0.18, "plan": 0.92}
 # Measured on the same weights at their defaults (edits keep the unchanged cells and paste the reference's pixels back
 # there) with edit_suite(3, seed=7), seed 0, batch 16: success 0.407 (11 of 27), keep 3/3, mean consistency PSNR
-# 62.0 dB (identical pixels count as 100 dB), 9 of 11 successes at >= 30 dB. Floors: about one edit fewer, one keep
-# fewer, 8 dB lower, one consistent success fewer.
+# 59.5 dB (identical pixels count as 100 dB), 9 of 11 successes at >= 30 dB. Floors: about one edit fewer, one keep
+# fewer, 8.5 dB lower, one consistent success fewer.
 EDITS_PER_CATEGORY = 3
-EDIT_FLOORS = {"success": 0.36, "keep": 0.66, "psnr": 54.0, "consistent": 0.70}
+EDIT_FLOORS = {"success": 0.36, "keep": 0.66, "psnr": 51.0, "consistent": 0.70}
 
 
 @pytest.fixture(scope="module")
