@@ -20,15 +20,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
-from blip3o_next.autoregressive import SamplingConfig, build_sequences, image_span_prefix, position_ids_from_mask, sample_blueprint
-from blip3o_next.diffusion import sample_latents
-from blip3o_next.image_tokenizer import images_to_tensor, tensor_to_images
-from blip3o_next.modeling import Blip3oNext, build_model, tiny_parts_configs
+from blip3o_next.models.autoregressive import SamplingConfig, build_sequences, image_span_prefix, position_ids_from_mask, sample_blueprint
+from blip3o_next.models.diffusion import sample_latents
+from blip3o_next.models.image_tokenizer import images_to_tensor, tensor_to_images
+from blip3o_next.models.modeling import Blip3oNext, build_model, tiny_parts_configs
 from blip3o_next.pipeline import Pipeline, resolve_model_path
 from blip3o_next.runtime import keep_freed_memory
 from blip3o_next.shapeworld.dataset import t2i_samples
-from blip3o_next.text_tokenizer import data_engine_corpus, train_text_tokenizer
-from blip3o_next.vae import decode_latents, encode_latents
+from blip3o_next.models.text_tokenizer import data_engine_corpus, train_text_tokenizer
+from blip3o_next.models.vae import decode_latents, encode_latents
 
 
 def best_time(fn, repeats: int) -> float:

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from blip3o_next.cli import main
 from blip3o_next.pipeline import Pipeline, PipelineOutput
-from blip3o_next.server import ServerConfig, create_app, decode_image, is_loopback, served_host_names
+from blip3o_next.serving.server import ServerConfig, create_app, decode_image, is_loopback, served_host_names
 
 
 def png(size=(64, 64), color=(200, 30, 30), mode="RGB") -> bytes:

@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from blip3o_next.fileio import InputError
-from blip3o_next.grpo import GRPOConfig
-from blip3o_next.recipes import Recipe, is_recipe, read_stage
-from blip3o_next.trainer import TrainConfig, latest_checkpoint, param_groups, train
+from blip3o_next.training.grpo import GRPOConfig
+from blip3o_next.training.recipes import Recipe, is_recipe, read_stage
+from blip3o_next.training.trainer import TrainConfig, latest_checkpoint, param_groups, train
 
 from conftest import final_state, pretrain_config
 

@@ -43,7 +43,7 @@ def _publish(staging: Path, out: Path) -> None:
 
 def cmd_data_render(args: argparse.Namespace) -> int:
     """Render canonical prompts (or edits), score the renders with the verifier, write files and a grid."""
-    from .evaluation import EditItem, T2IItem, edit_grid, evaluate_edits, evaluate_t2i, format_edit_table, format_t2i_table, t2i_grid
+    from .eval.suites import EditItem, T2IItem, edit_grid, evaluate_edits, evaluate_t2i, format_edit_table, format_t2i_table, t2i_grid
     from .shapeworld.degrade import DEGRADATIONS
     from .shapeworld.edits import edit_suite
     from .shapeworld.prompts import canonical_suite
@@ -108,7 +108,7 @@ def cmd_data_export(args: argparse.Namespace) -> int:
 def _load_pipeline(args: argparse.Namespace):
     import torch
 
-    from .modeling import CheckpointError
+    from .models.modeling import CheckpointError
     from .pipeline import Pipeline
 
     try:
@@ -120,7 +120,7 @@ def _load_pipeline(args: argparse.Namespace):
 
 def _check_can_edit(args: argparse.Namespace) -> None:
     """Fail fast, before loading any weights, when the model was not trained to edit."""
-    from .modeling import CheckpointError, read_config
+    from .models.modeling import CheckpointError, read_config
     from .pipeline import resolve_model_path
 
     try:
@@ -209,8 +209,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from .modeling import CheckpointError
-    from .released_checkpoint import convert_released
+    from .models.modeling import CheckpointError
+    from .models.released_checkpoint import convert_released
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise InputError(f"{args.out}: exists and is not empty; choose another OUT or pass --overwrite")
@@ -264,7 +264,7 @@ def _write_reports(args: argparse.Namespace, summary: dict, rows: list, grid) ->
 
 
 def cmd_eval_t2i(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_t2i, format_t2i_table, load_t2i_items, t2i_grid
+    from .eval.suites import evaluate_t2i, format_t2i_table, load_t2i_items, t2i_grid
 
     _check_report_paths(args)
     items = load_t2i_items(args.prompts, args.images_dir)  # every input is checked before any scoring
@@ -275,7 +275,7 @@ def cmd_eval_t2i(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_edit(args: argparse.Namespace) -> int:
-    from .evaluation import edit_grid, evaluate_edits, format_edit_table, load_edit_items
+    from .eval.suites import edit_grid, evaluate_edits, format_edit_table, load_edit_items
 
     _check_report_paths(args)
     items = load_edit_items(args.edits, args.out_dir)
@@ -286,7 +286,7 @@ def cmd_eval_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_geneval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_t2i, format_t2i_table, generate_t2i_items, geneval_suite, plan_summary, t2i_grid
+    from .eval.suites import evaluate_t2i, format_t2i_table, generate_t2i_items, geneval_suite, plan_summary, t2i_grid
 
     _check_report_paths(args)
     pipe = _load_pipeline(args)
@@ -308,7 +308,7 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_imgedit(args: argparse.Namespace) -> int:
-    from .evaluation import edit_grid, edit_plan_summary, evaluate_edits, format_edit_table, generate_edit_items
+    from .eval.suites import edit_grid, edit_plan_summary, evaluate_edits, format_edit_table, generate_edit_items
     from .shapeworld.edits import edit_suite
 
     _check_report_paths(args)
@@ -334,8 +334,8 @@ def cmd_eval_imgedit(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .modeling import CheckpointError
-    from .recipes import Recipe, is_recipe, run_recipe, train_stage_file
+    from .models.modeling import CheckpointError
+    from .training.recipes import Recipe, is_recipe, run_recipe, train_stage_file
 
     try:
         if args.kind is None and is_recipe(args.config):
@@ -358,7 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model once, then serve the web page and the JSON API until interrupted."""
     try:
-        from .server import ServerConfig, serve, served_host_names
+        from .serving.server import ServerConfig, serve, served_host_names
     except ImportError as e:
         raise InputError(f"the server needs gradio and uvicorn ({e}); install them with: python3 -m pip install -e .") from None
     import torch
@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
         "then teaches it editing, which gives the bundled tiny). Each stage "
         "resumes from the newest checkpoint in its output folder. Runs under `accelerate launch` or `torchrun` for several "
         "processes. `blip3o train grpo --config CONFIG` runs reinforcement learning (GRPO on the AR model; settings: "
-        "blip3o_next.grpo.GRPOConfig): configs/tiny/6_semantic_grpo.yaml tunes a semantic-blueprint model on plan rewards "
+        "blip3o_next.training.grpo.GRPOConfig): configs/tiny/6_semantic_grpo.yaml tunes a semantic-blueprint model on plan rewards "
         "(no diffusion in the rollouts), configs/tiny/6_grpo.yaml a VQ-blueprint model on rendered images with verifier "
         "rewards, configs/tiny/7_edit_grpo.yaml (`task: edit`) an edit model's edit AR model with edit rewards. "
         "An sft config with `lora: {rank: 16, alpha: 32, parts: [ar, transformer]}` trains LoRA adapters only (peft; "
@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("kind", nargs="?", choices=("grpo",), help="grpo: reinforcement learning (also chosen by `stage: grpo` in the YAML)")
     tr.add_argument("--config", required=True, metavar="YAML",
-                    help="a stage's settings (fields of blip3o_next.trainer.TrainConfig, or GRPOConfig for grpo) or a recipe (a `stages:` list)")
+                    help="a stage's settings (fields of blip3o_next.training.trainer.TrainConfig, or GRPOConfig for grpo) or a recipe (a `stages:` list)")
     tr.add_argument("--output-dir", help="override the config's output_dir")
     tr.add_argument("--steps", type=_positive, help="override the config's number of steps")
     tr.add_argument("--init-from", metavar="MODEL", help="override the config's init_from: the model to start from (a bundled name such as tiny, or a folder)")

@@ -25,15 +25,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .autoregressive import Blueprint, SamplingConfig, forced_blueprint, prompt_ids, sample_blueprint
-from .diffusion import sample_latents
+from .models.autoregressive import Blueprint, SamplingConfig, forced_blueprint, prompt_ids, sample_blueprint
+from .models.diffusion import sample_latents
 from .fileio import to_rgb
-from .image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
-from .modeling import Blip3oNext
-from .semantic_blueprint import SemanticVocab, changed_region
-from .semantic_encoder import SemanticEncoder
-from .released_checkpoint import PROMPT_TEMPLATE, is_released_layout, load_released, released_prompt
-from .vae import decode_latents, encode_latents
+from .models.image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
+from .models.modeling import Blip3oNext
+from .models.semantic_blueprint import SemanticVocab, changed_region
+from .models.semantic_encoder import SemanticEncoder
+from .models.released_checkpoint import PROMPT_TEMPLATE, is_released_layout, load_released, released_prompt
+from .models.vae import decode_latents, encode_latents
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Pipeline:
     ) -> "Pipeline":
         """Load a checkpoint folder or a bundled model by name; weights are cast to `torch_dtype`
         (the bundled ones are stored in float16 and run in float32 by default). A folder in the official BLIP3o-NEXT
-        release layout is read by `released_checkpoint.load_released`, which also needs the local `ta_tok` file,
+        release layout is read by `models.released_checkpoint.load_released`, which also needs the local `ta_tok` file,
         `siglip` and `diffusion` (SANA 1.5) folders it names."""
         folder = resolve_model_path(path)
         if is_released_layout(folder):

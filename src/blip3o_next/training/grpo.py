@@ -47,17 +47,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .autoregressive import SamplingConfig, forced_blueprint
-from .fileio import InputError, save_png, write_json
+from ..models.autoregressive import SamplingConfig, forced_blueprint
+from ..fileio import InputError, save_png, write_json
 from .rewards import (
     DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, EDIT_IMAGE_REWARD_NAMES, EDIT_REWARD_NAMES, IMAGE_REWARD_NAMES, REWARD_NAMES, EditReward,
     Rewards, VerifierReward, check_reward_weights, uses_images, uses_plans,
 )
-from .semantic_embedding import SemanticEmbedding
-from .shapeworld.edits import EDIT_CATEGORIES, EditPair, edit_suite, sample_edit
-from .shapeworld.prompts import CATEGORIES, COMPOSITION, Prompt, canonical_prompt, canonical_suite, composition_prompt
-from .shapeworld.render import render as render_scene
-from .text_tokenizer import ImageVocab
+from ..models.semantic_embedding import SemanticEmbedding
+from ..shapeworld.edits import EDIT_CATEGORIES, EditPair, edit_suite, sample_edit
+from ..shapeworld.prompts import CATEGORIES, COMPOSITION, Prompt, canonical_prompt, canonical_suite, composition_prompt
+from ..shapeworld.render import render as render_scene
+from ..models.text_tokenizer import ImageVocab
 from .trainer import MetricsLog, PretrainedModuleStage, config_from_yaml, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def _change_row(name: str, n: int | str, before: float | None, after: float | No
 
 def _before_after_grid(cells: list, rows_before: list[dict], rows_after: list[dict], text: str, columns: int):
     """Cells captioned "pass -> fail: <prompt or instruction>" and framed by the result after RL."""
-    from .viz import image_grid
+    from ..viz import image_grid
 
     verdict = lambda row: "pass" if row["passed"] else "fail"  # noqa: E731
     captions = [f"{verdict(b)} -> {verdict(a)}: {b[text]}" for b, a in zip(rows_before, rows_after)]
@@ -339,7 +339,7 @@ class TextToImage:
     def evaluate(pipe, cfg: GRPOConfig) -> dict:
         """GenEval-ShapeWorld on the held-out suite (the prompts training never sees), with the model's defaults;
         for a semantic-blueprint model also the plan score of the same blueprints (`plan`)."""
-        from .evaluation import evaluate_t2i, generate_t2i_items, geneval_suite, plan_summary
+        from ..eval.suites import evaluate_t2i, generate_t2i_items, geneval_suite, plan_summary
 
         prompts, counts = geneval_suite(cfg.eval_per_category, seed=cfg.heldout_suite_seed)
         items = generate_t2i_items(pipe, prompts, counts, seed=cfg.eval_seed, progress=False)
@@ -366,7 +366,7 @@ class TextToImage:
     @staticmethod
     def grid(before_pipe, after_pipe, cfg: GRPOConfig, per_category: int = 2):
         """The same held-out prompts and seeds through the model before and after RL, side by side."""
-        from .evaluation import evaluate_t2i, generate_t2i_items
+        from ..eval.suites import evaluate_t2i, generate_t2i_items
 
         prompts = canonical_suite(per_category, seed=cfg.heldout_suite_seed)
         before, after = [generate_t2i_items(pipe, prompts, [1] * len(prompts), seed=cfg.eval_seed, progress=False) for pipe in (before_pipe, after_pipe)]
@@ -405,14 +405,14 @@ class Editing:
 
     @staticmethod
     def _items(pipe, cfg: GRPOConfig, per_category: int):
-        from .evaluation import generate_edit_items
+        from ..eval.suites import generate_edit_items
 
         return generate_edit_items(pipe, edit_suite(per_category, seed=cfg.heldout_suite_seed), seed=cfg.eval_seed, progress=False)
 
     def evaluate(self, pipe, cfg: GRPOConfig) -> dict:
         """ImgEdit-ShapeWorld on the held-out suite (edit pairs training never sees), with the model's defaults; for
         a semantic-blueprint model also the edit plan score of the same blueprints (`plan`)."""
-        from .evaluation import edit_plan_summary, evaluate_edits
+        from ..eval.suites import edit_plan_summary, evaluate_edits
 
         items = self._items(pipe, cfg, cfg.eval_per_category)
         summary = evaluate_edits(items)[1]
@@ -438,7 +438,7 @@ class Editing:
 
     def grid(self, before_pipe, after_pipe, cfg: GRPOConfig, per_category: int = 2):
         """The same held-out edits and seeds before and after RL: source | before | after."""
-        from .evaluation import evaluate_edits
+        from ..eval.suites import evaluate_edits
 
         before, after = self._items(before_pipe, cfg, per_category), self._items(after_pipe, cfg, per_category)
         rows_b, rows_a = evaluate_edits(before)[0], evaluate_edits(after)[0]
@@ -466,8 +466,8 @@ class PolicyStage(PretrainedModuleStage):
 
 def train_grpo(cfg: GRPOConfig) -> Path:
     """Run (or resume) GRPO, then evaluate before and after on the held-out suite; returns the output folder."""
-    from .modeling import Blip3oNext, export_model
-    from .pipeline import Pipeline, resolve_model_path
+    from ..models.modeling import Blip3oNext, export_model
+    from ..pipeline import Pipeline, resolve_model_path
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

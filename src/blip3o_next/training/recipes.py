@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fileio import InputError, write_json
+from ..fileio import InputError, write_json
 from .grpo import GRPOConfig, train_grpo
-from .modeling import export_model
+from ..models.modeling import export_model
 from .trainer import TrainConfig, read_extended_yaml, read_yaml, train
 
 

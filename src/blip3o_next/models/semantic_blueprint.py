@@ -86,10 +86,10 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from .scorers import T2IResult, check_t2i
-from .shapeworld.prompts import LETTERS, Requirement
-from .shapeworld.render import glyph_boxes, make_text, render_pil
-from .shapeworld.world import (
+from ..eval.scorers import T2IResult, check_t2i
+from ..shapeworld.prompts import LETTERS, Requirement
+from ..shapeworld.render import glyph_boxes, make_text, render_pil
+from ..shapeworld.world import (
     BACKGROUNDS,
     CAP_HEIGHT_RANGE,
     COLORS,

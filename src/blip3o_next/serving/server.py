@@ -52,7 +52,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.datastructures import Headers
 
-from .fileio import MAX_IMAGE_SIDE, to_rgb
+from ..fileio import MAX_IMAGE_SIDE, to_rgb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

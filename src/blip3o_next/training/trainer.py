@@ -42,9 +42,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .fileio import InputError
+from ..fileio import InputError
 from .fsdp import check_shards, gather_full_model, like_param, load_shard, local, meta_copy, save_shard, shard_model, shard_name
-from .shapeworld.edits import PLACEMENTS
+from ..shapeworld.edits import PLACEMENTS
 
 if TYPE_CHECKING:
     from .lora import LoraSettings
@@ -100,7 +100,7 @@ class TrainConfig:
     lora: dict[str, Any] | None = field(
         default=None,
         metadata={"help": "sft: train LoRA adapters only, every base weight frozen ({rank, alpha, dropout, parts: [ar, transformer], "
-                  "target_modules: {part: [names]}}; blip3o_next.lora.LoraSettings). Checkpoints hold the adapters; final/ is the "
+                  "target_modules: {part: [names]}}; blip3o_next.training.lora.LoraSettings). Checkpoints hold the adapters; final/ is the "
                   "merged model, final/adapters/<part>/ the adapters (peft format)"},
     )
     lr_scales: dict[str, float] | None = field(
@@ -117,7 +117,7 @@ class TrainConfig:
         metadata={"help": "train on your own WebDataset tar shards instead of the data engine: a folder of .tar files, a glob, or a "
                   "brace pattern (shards/{00000..00099}.tar), in img2dataset's layout (jpg/png/webp + txt, or json 'caption'; "
                   "edit_sft also source.<ext> + target.<ext> + instruction). Seeded shuffle per epoch, resumes exactly; "
-                  "blip3o_next.own_data. The data engine's settings (category weights, paraphrases, edit_fraction) then do nothing"},
+                  "blip3o_next.training.own_data. The data engine's settings (category weights, paraphrases, edit_fraction) then do nothing"},
     )
 
     def __post_init__(self):
@@ -224,7 +224,7 @@ class Stage(Protocol):
 
 
 def _images(samples: list[dict]) -> torch.Tensor:
-    from .image_tokenizer import images_to_tensor
+    from ..models.image_tokenizer import images_to_tensor
 
     return images_to_tensor(np.stack([s["image"] for s in samples]))
 
@@ -249,13 +249,13 @@ class ImageTokenizerStage(PretrainedModuleStage):
     """The VQ image tokenizer with its semantic objective (the text tokenizer is trained up front by `train`)."""
 
     def __init__(self, cfg: TrainConfig):
-        from .image_tokenizer import ImageTokenizer
+        from ..models.image_tokenizer import ImageTokenizer
 
         self.module = ImageTokenizer(image_size=cfg.canvas, **cfg.parts.get("image_tokenizer", {}))
 
     def loss(self, model, samples, generators):
-        from .image_tokenizer import semantic_batch
-        from .shapeworld.world import Scene
+        from ..models.image_tokenizer import semantic_batch
+        from ..shapeworld.world import Scene
 
         device = next(model.parameters()).device
         labels = semantic_batch([Scene.from_dict(s["scene"]) for s in samples], self.module.grid)
@@ -263,7 +263,7 @@ class ImageTokenizerStage(PretrainedModuleStage):
         return out.loss, out.losses
 
     def preview(self, module, samples):
-        from .image_tokenizer import tensor_to_images
+        from ..models.image_tokenizer import tensor_to_images
 
         x = _images(samples)
         return np.concatenate([tensor_to_images(x), tensor_to_images(module.decode(module.encode(x)))], axis=2)
@@ -278,17 +278,17 @@ class SemanticTokenizerStage(PretrainedModuleStage):
     degrade_probability = 0.6
 
     def __init__(self, cfg: TrainConfig):
-        from .semantic_encoder import SemanticEncoder
+        from ..models.semantic_encoder import SemanticEncoder
 
         self.module = SemanticEncoder(image_size=cfg.canvas, **cfg.parts.get("semantic_tokenizer", {}))
 
     def loss(self, model, samples, generators):
-        from .image_tokenizer import images_to_tensor
-        from .semantic_blueprint import encode_scene
-        from .shapeworld.degrade import DEGRADATIONS
-        from .shapeworld.render import render
-        from .shapeworld.sampler import sample_scene
-        from .shapeworld.world import Scene
+        from ..models.image_tokenizer import images_to_tensor
+        from ..models.semantic_blueprint import encode_scene
+        from ..shapeworld.degrade import DEGRADATIONS
+        from ..shapeworld.render import render
+        from ..shapeworld.sampler import sample_scene
+        from ..shapeworld.world import Scene
 
         images, ids = [], []
         kinds = [d for name, d in DEGRADATIONS.items() if name != "clean"]
@@ -310,7 +310,7 @@ class SemanticTokenizerStage(PretrainedModuleStage):
         return out.loss, out.losses
 
     def preview(self, module, samples):
-        from .semantic_blueprint import preview
+        from ..models.semantic_blueprint import preview
 
         x = _images(samples)
         ids = module.encode(x.to(next(module.parameters()).device)).cpu()
@@ -323,7 +323,7 @@ class VaeStage(PretrainedModuleStage):
     def __init__(self, cfg: TrainConfig, own: OwnData | None = None):
         from diffusers import AutoencoderDC
 
-        from .vae import tiny_vae_config
+        from ..models.vae import tiny_vae_config
 
         if cfg.init_from:
             self.module = AutoencoderDC.from_pretrained(cfg.init_from, torch_dtype=torch.float32, use_safetensors=True)
@@ -335,14 +335,14 @@ class VaeStage(PretrainedModuleStage):
     def calibration_images(self) -> torch.Tensor:
         """256 fixed images (the same on resume) on which every save calibrates the latent scaling factor: the
         training data's, so the latents the diffusion model learns have unit variance on the images it will see."""
-        from .shapeworld.dataset import t2i_samples
+        from ..shapeworld.dataset import t2i_samples
 
         if self.own is not None:
             return _images([self.own.sample(i, self.calibration_seed) for i in range(256)])
         return _images(list(islice(t2i_samples(self.calibration_seed, self.canvas), 256)))
 
     def save(self, module: nn.Module, path: Path) -> None:
-        from .vae import calibrate_scaling_factor
+        from ..models.vae import calibrate_scaling_factor
 
         was_training = module.training
         calibrate_scaling_factor(module.eval(), self.calibration_images.to(next(module.parameters()).device))
@@ -356,7 +356,7 @@ class VaeStage(PretrainedModuleStage):
         return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
 
     def preview(self, module, samples):
-        from .image_tokenizer import tensor_to_images
+        from ..models.image_tokenizer import tensor_to_images
 
         x = _images(samples)
         return np.concatenate([tensor_to_images(x), tensor_to_images(module(x).sample.clamp(-1, 1))], axis=2)
@@ -369,12 +369,12 @@ class ModelStage(PretrainedModuleStage):
         from diffusers import AutoencoderDC
         from transformers import PreTrainedTokenizerFast
 
-        from .modeling import Blip3oNext, Blip3oNextConfig, build_model, image_tokenizer_class, tiny_parts_configs
-        from .semantic_encoder import SemanticEncoder
+        from ..models.modeling import Blip3oNext, Blip3oNextConfig, build_model, image_tokenizer_class, tiny_parts_configs
+        from ..models.semantic_encoder import SemanticEncoder
 
         self.cfg = cfg
         if cfg.stage in ("sft", "edit_sft"):
-            from .pipeline import resolve_model_path
+            from ..pipeline import resolve_model_path
 
             model = Blip3oNext.from_pretrained(resolve_model_path(cfg.init_from), torch_dtype=torch.float32)
             model.config = dataclasses.replace(model.config, **cfg.model)
@@ -394,8 +394,8 @@ class ModelStage(PretrainedModuleStage):
 
     def loss(self, model, samples, generators):
         """Samples with a "reference" image are edits (caption = instruction, image = target); the rest t2i."""
-        from .autoregressive import build_sequences
-        from .vae import encode_latents
+        from ..models.autoregressive import build_sequences
+        from ..models.vae import encode_latents
 
         core = self.module
         core.image_tokenizer.eval()  # frozen: eval mode also stops the VQ codebook's EMA updates
@@ -429,8 +429,8 @@ class ModelStage(PretrainedModuleStage):
         """A semantic blueprint's training targets: the exact blueprints of the samples' scenes (the data engine
         knows them; `loss` lets the encoder read images without a scene, such as own data's). Scenes the codec cannot
         write are skipped (about 1 in 20,000: a one-letter word beside a small shape, both anchored in one cell)."""
-        from .semantic_blueprint import encode_scene
-        from .shapeworld.world import Scene
+        from ..models.semantic_blueprint import encode_scene
+        from ..shapeworld.world import Scene
 
         kept, codes = [], []
         for s in samples:
@@ -442,7 +442,7 @@ class ModelStage(PretrainedModuleStage):
         return kept, torch.tensor(codes)
 
     def preview(self, module, samples):
-        from .pipeline import Pipeline
+        from ..pipeline import Pipeline
 
         out = Pipeline(module)([s["prompt"] for s in samples], seed=0, num_inference_steps=10)
         truth = np.stack([s["image"] for s in samples])
@@ -456,7 +456,7 @@ class EditStage(ModelStage):
     SWITCHES = ("reference_cross_attention", "reference_noise_injection", "reference_injection_axis", "separate_edit_ar")
 
     def __init__(self, cfg: TrainConfig):
-        from .modeling import enable_editing
+        from ..models.modeling import enable_editing
 
         super().__init__(cfg)
         switches = {k: cfg.model[k] for k in self.SWITCHES if k in cfg.model}
@@ -466,7 +466,7 @@ class EditStage(ModelStage):
 
     def preview(self, module, samples):
         """Per sample: source (blank for t2i), truth, output, blueprint preview."""
-        from .pipeline import Pipeline
+        from ..pipeline import Pipeline
 
         pipe = Pipeline(module)
         strips = []
@@ -653,7 +653,7 @@ def process_batch(cfg: TrainConfig, position: int, rank: int, world: int, own: O
 
     Each sample carries its stream index, which keys its training noise (see `sample_generators`).
     """
-    from .shapeworld.dataset import t2i_samples
+    from ..shapeworld.dataset import t2i_samples
 
     per_rank = cfg.batch_size // world
     start = position + rank * per_rank
@@ -680,7 +680,7 @@ def is_edit_position(index: int, edit_fraction: float) -> bool:
 def mixed_sample(cfg: TrainConfig, index: int) -> dict:
     """Sample `index` of the edit SFT stream: an edit pair (source as "reference", target as "image" and its scene as
     "scene", the instruction as "caption") or a t2i sample, each drawn from its own seeded stream at that position."""
-    from .shapeworld.dataset import edit_samples, t2i_samples
+    from ..shapeworld.dataset import edit_samples, t2i_samples
 
     if is_edit_position(index, cfg.edit_fraction):
         s = next(edit_samples(cfg.seed, cfg.canvas, cfg.edit_category_weights, cfg.paraphrase_probability, start=index, placement=cfg.edit_placement))
@@ -867,8 +867,8 @@ def check_replicas(accelerator: Accelerator, params: list[torch.Tensor], out: Pa
 
 def save_text_tokenizer(path: Path, cfg: TrainConfig) -> None:
     """Train the text tokenizer on data-engine text (with the image vocabulary of this stage's tokenizer)."""
-    from .semantic_blueprint import BlueprintConfig, SemanticVocab
-    from .text_tokenizer import build_text_tokenizer
+    from ..models.semantic_blueprint import BlueprintConfig, SemanticVocab
+    from ..models.text_tokenizer import build_text_tokenizer
 
     if cfg.stage == "semantic_tokenizer":
         parts = cfg.parts.get("semantic_tokenizer", {})
@@ -889,8 +889,8 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 def save_preview(path: Path, stage: Stage, module: nn.Module, cfg: TrainConfig, own: OwnData | None = None) -> None:
     """A sample grid: held-out samples (own data: the first 8 of another shuffle, not held out) beside what the
     stage's module makes of them (reconstructions; or generated image and blueprint preview)."""
-    from .fileio import save_png
-    from .viz import image_grid
+    from ..fileio import save_png
+    from ..viz import image_grid
 
     samples = process_batch(dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 10_000, paraphrase_probability=0.0), 0, 0, 1, own)
     module.eval()
