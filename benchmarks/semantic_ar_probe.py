@@ -30,7 +30,7 @@ from blip3o_next.eval.scorers import summarize_t2i
 from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, plan_score
 from blip3o_next.models.semantic_embedding import SemanticEmbedding, input_embeddings, token_log_probs
 from blip3o_next.shapeworld.dataset import t2i_samples
-from blip3o_next.training.trainer import ModelStage
+from blip3o_next.training.stages import ModelStage
 from blip3o_next.models.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
 WEIGHTS = {"single_object": 0.5, "two_object": 1.0, "counting": 1.0, "colors": 0.5, "position": 1.0, "color_attr": 1.0, "text": 1.5, "dense": 1.5}

@@ -46,7 +46,7 @@ from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, FACTOR_NAMES, a
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene_for
-from blip3o_next.training.trainer import ModelStage
+from blip3o_next.training.stages import ModelStage
 from blip3o_next.models.vae import decode_latents, encode_latents
 
 HIDDEN, GRID, LATENT_SIDE = 256, 8, 16

@@ -12,7 +12,7 @@ from blip3o_next.models.modeling import Blip3oNext, build_model, tiny_parts_conf
 from blip3o_next.models.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.models.text_tokenizer import train_text_tokenizer
-from blip3o_next.training.trainer import TrainConfig
+from blip3o_next.training.config import TrainConfig
 from blip3o_next.models.vae import encode_latents
 
 

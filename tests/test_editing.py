@@ -16,7 +16,9 @@ from blip3o_next.models.modeling import Blip3oNext, enable_editing
 from blip3o_next.pipeline import Pipeline
 from blip3o_next.shapeworld.edits import EDIT_CATEGORIES, parse_instruction, sample_edit
 from blip3o_next.shapeworld.render import render
-from blip3o_next.training.trainer import TrainConfig, is_edit_position, train
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.data import is_edit_position
+from blip3o_next.training.trainer import train
 from blip3o_next.eval.verifier import SceneParser
 
 

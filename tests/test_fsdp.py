@@ -14,15 +14,18 @@ import yaml
 
 from blip3o_next.fileio import InputError
 from blip3o_next.training.fsdp import check_shards, shard_name
-from blip3o_next.training.grpo import GRPOConfig
-from blip3o_next.training.trainer import TrainConfig, latest_checkpoint, train
+from blip3o_next.training.grpo_config import GRPOConfig
+from blip3o_next.training.checkpoints import latest_checkpoint
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
 
 from conftest import final_state, pretrain_config
 
 ROOT = Path(__file__).parents[1]
 LAUNCH_CONFIG = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
 STOP_AFTER = """import sys
-from blip3o_next.training.trainer import TrainConfig, train
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
 train(TrainConfig.from_yaml(sys.argv[1]), stop_after=int(sys.argv[2]))
 """
 

@@ -13,10 +13,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from blip3o_next.models.autoregressive import SamplingConfig, forced_blueprint, sample_blueprint
 from blip3o_next.cli import main
-from blip3o_next.training.grpo import (
-    GRPOConfig, Policy, Rollouts, TextToImage, TrainingEdits, TrainingPrompts, group_advantages, grpo_loss, hidden_drift, policy_update,
-    sample_rollouts, train_grpo,
-)
+from blip3o_next.training.grpo import Policy, group_advantages, grpo_loss, hidden_drift, policy_update, sample_rollouts, train_grpo
+from blip3o_next.training.grpo_config import GRPOConfig
+from blip3o_next.training.grpo_tasks import Rollouts, TextToImage, TrainingEdits, TrainingPrompts
 from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
 from blip3o_next.training.rewards import EditReward, VerifierReward

@@ -21,7 +21,9 @@ from blip3o_next.training.lora import (
     save_adapters,
 )
 from blip3o_next.models.modeling import PICKLE_SUFFIXES, Blip3oNext
-from blip3o_next.training.trainer import TrainConfig, latest_checkpoint, train
+from blip3o_next.training.checkpoints import latest_checkpoint
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
 
 LORA = {"rank": 4, "alpha": 8, "parts": ["ar", "transformer"]}
 

@@ -15,7 +15,9 @@ from blip3o_next.models.autoregressive import SamplingConfig, ar_hidden_states, 
 from blip3o_next.cli import main
 from blip3o_next.models.connector import Connector
 from blip3o_next.fileio import InputError
-from blip3o_next.training.grpo import GRPOConfig, Policy, Rollouts, policy_update, train_grpo
+from blip3o_next.training.grpo import Policy, policy_update, train_grpo
+from blip3o_next.training.grpo_config import GRPOConfig
+from blip3o_next.training.grpo_tasks import Rollouts
 from blip3o_next.models.image_tokenizer import images_to_tensor
 from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import Pipeline
@@ -25,7 +27,9 @@ from blip3o_next.models.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.sampler import sample_scene
 from blip3o_next.shapeworld.world import Scene
-from blip3o_next.training.trainer import TrainConfig, latest_checkpoint, train
+from blip3o_next.training.checkpoints import latest_checkpoint
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
 from blip3o_next.models.vae import encode_latents
 
 from conftest import small_configs

@@ -21,6 +21,8 @@ blueprint for the renderer (`Blip3oNext.add_reader`), so the policy's updates ne
 from the data engine (never one of the held-out ImgEdit suite), the frozen diffusion model renders each edit
 blueprint with the reference image's latents, and the edit rewards score the outputs against the pair's source and
 target (rewards.EditReward). A semantic edit model can be scored on its edit plans instead, again with no diffusion.
+The two tasks (their training items, rendering, reward and evaluation) are `grpo_tasks.py`'s; the settings are
+`grpo_config.py`'s.
 
 Why not TRL's GRPOTrainer: it samples completions with `generate` over the whole vocabulary and hands the reward
 functions decoded text. A rollout here must sample exactly n tokens inside the image codebook, and its reward
@@ -36,179 +38,28 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models.autoregressive import SamplingConfig, forced_blueprint
 from ..fileio import InputError, save_png, write_json
-from .rewards import (
-    DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, EDIT_IMAGE_REWARD_NAMES, EDIT_REWARD_NAMES, IMAGE_REWARD_NAMES, REWARD_NAMES, EditReward,
-    Rewards, VerifierReward, check_reward_weights, uses_images, uses_plans,
-)
+from ..models.autoregressive import SamplingConfig, forced_blueprint
 from ..models.semantic_embedding import SemanticEmbedding
-from ..shapeworld.edits import EDIT_CATEGORIES, EditPair, edit_suite, sample_edit
-from ..shapeworld.prompts import CATEGORIES, COMPOSITION, Prompt, canonical_prompt, canonical_suite, composition_prompt
-from ..shapeworld.render import render as render_scene
 from ..models.text_tokenizer import ImageVocab
-from .trainer import MetricsLog, PretrainedModuleStage, config_from_yaml, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .grpo_config import GRPOConfig
+from .grpo_tasks import GRPOTask, Rollouts, make_task
+from .metrics import MetricsLog
+from .rewards import uses_images, uses_plans
+from .stages import PretrainedModuleStage
 
 logger = logging.getLogger(__name__)
 
+# what a run writes beside its checkpoints and final/ (a recipe's stage with `docs_dir` copies them there)
 RESULT_FILES = ("metrics.csv", "reward_curves.png", "kl_curve.png", "drift_curve.png", "eval_before.json", "eval_after.json", "before_after.md", "before_after.png", "timings.json")
-PROMPT_SOURCES = (*CATEGORIES, COMPOSITION)
-TASKS = ("t2i", "edit")
-PROBE_DRAWS = 2000  # canonical prompts drawn per category to find the categories with training prompts left
-
-
-@dataclass
-class GRPOConfig:
-    """Settings of one GRPO run (YAML keys are these field names; unknown keys are rejected)."""
-
-    stage: str = field(default="grpo", metadata={"help": "always grpo (tells `blip3o train` which trainer reads this file)"})
-    task: str = field(default="t2i", metadata={"help": "t2i: text-to-image prompts and the AR model; edit: edit pairs and an edit model's edit AR model"})
-    output_dir: str = field(default="runs/grpo", metadata={"help": "checkpoints, metrics.csv, curves, evaluations and final/ go here"})
-    init_from: str = field(default="tiny", metadata={"help": "the model to tune (a bundled name or a folder); also the frozen KL reference"})
-    steps: int = field(default=60, metadata={"help": "optimizer steps (one batch of rollouts each)"})
-    prompts_per_step: int = field(default=4, metadata={"help": "prompts per step"})
-    num_generations: int = field(default=16, metadata={"help": "blueprints sampled per prompt (the group; official 16)"})
-    lr: float = field(default=1e-5, metadata={"help": "learning rate (official 5e-6 GenEval, 1e-6 text, for a 1.7B AR model)"})
-    warmup_steps: int = field(default=5, metadata={"help": "linear warmup, then constant"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 disables)"})
-    beta: float = field(default=0.001, metadata={"help": "KL coefficient to the frozen reference (official 0.001)"})
-    epsilon: float = field(default=0.2, metadata={"help": "clip range of the importance ratio"})
-    updates_per_batch: int = field(default=1, metadata={"help": "optimizer steps on each batch of rollouts (>1 makes the clipping bite)"})
-    reader: bool = field(
-        default=False,
-        metadata={"help": "freeze a copy of the starting AR side as the reader that re-reads each blueprint for the renderer, so updates to the "
-                          "policy never move the renderer's input (saved with the model; a model that has one keeps it)"},
-    )
-    shared_noise: bool = field(default=True, metadata={"help": "the rollouts of one prompt start the diffusion from the same noise, so their rewards differ by blueprint"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature (no top-k/top-p, so log-probs are exact)"})
-    num_inference_steps: int | None = field(default=None, metadata={"help": "diffusion steps of the rollouts (default: the model's)"})
-    guidance_scale: float | None = field(default=None, metadata={"help": "CFG scale of the rollouts (default: the model's)"})
-    reward_weights: dict[str, float] | None = field(
-        default=None, metadata={"help": f"weights of {', '.join(REWARD_NAMES)} (t2i) or {', '.join(EDIT_REWARD_NAMES)} (edit); unset ones keep their defaults"}
-    )
-    category_weights: dict[str, float] | None = field(
-        default=None,
-        metadata={"help": f"training mix over the categories and {COMPOSITION} (t2i) or the edit categories (default: every one with prompts left, equally)"},
-    )
-    heldout_per_category: int = field(default=50, metadata={"help": "the evaluation suite excluded from training: prompts (or edit pairs) per category"})
-    heldout_suite_seed: int = field(default=0, metadata={"help": "... and its seed (the same as `blip3o eval geneval/imgedit --suite-seed`)"})
-    eval_per_category: int = field(default=50, metadata={"help": "before/after GenEval (ImgEdit for edits) on the held-out suite (0 skips)"})
-    eval_seed: int = field(default=0, metadata={"help": "generation seed of the before/after evaluation and grid"})
-    seed: int = field(default=0, metadata={"help": "seeds the prompt draws and the rollouts"})
-    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
-    compile_transformer: bool = field(default=False, metadata={"help": "torch.compile the frozen diffusion transformer for the rollouts"})
-    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints (and at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "older checkpoints are deleted"})
-    export_to: str | None = field(default=None, metadata={"help": "also save the final model here in float16 (e.g. the bundled weights)"})
-    docs_dir: str | None = field(default=None, metadata={"help": "copy the curves, metrics, evaluations, table and grid here"})
-
-    def __post_init__(self):
-        if self.stage != "grpo":
-            raise ValueError(f"stage must be grpo, got {self.stage!r}")
-        positive = ("steps", "prompts_per_step", "checkpoint_every", "updates_per_batch")
-        if any(getattr(self, name) < 1 for name in positive):
-            raise ValueError(f"{', '.join(positive)} must be >= 1")
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (advantages compare rollouts of one prompt), got {self.num_generations}")
-        if self.temperature <= 0 or self.lr <= 0 or self.beta < 0 or not 0 < self.epsilon < 1:
-            raise ValueError("need temperature > 0, lr > 0, beta >= 0 and 0 < epsilon < 1")
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        edits = self.task == "edit"
-        self.reward_weights = check_reward_weights(self.reward_weights or {}, DEFAULT_EDIT_REWARD_WEIGHTS if edits else DEFAULT_REWARD_WEIGHTS)
-        sources = EDIT_CATEGORIES if edits else PROMPT_SOURCES
-        unknown = sorted(set(self.category_weights or {}) - set(sources))
-        if unknown:
-            raise ValueError(f"unknown categories {', '.join(unknown)}; choose from {', '.join(sources)}")
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "GRPOConfig":
-        return config_from_yaml(cls, path, **overrides)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def _category_mix(weights: dict[str, float], has_items) -> tuple[list[str], np.ndarray]:
-    """The categories with a weight > 0 and items to train on, and their draw probabilities."""
-    categories = [c for c, w in weights.items() if w > 0 and has_items(c)]
-    if not categories:
-        raise ValueError("no category has training items outside the held-out suite")
-    w = np.array([weights[c] for c in categories], dtype=float)
-    return categories, w / w.sum()
-
-
-class TrainingPrompts:
-    """Prompts from the data engine (the canonical categories and compositions), minus every prompt of the held-out
-    evaluation suite.
-
-    The suite holds every single-object, two-object, counting and colours prompt, so those categories get no
-    training prompts; compositions (e.g. "two red circles and a square") train the same skills in combinations
-    the suite does not ask for. Step k's prompts depend on (seed, k) alone, so a resumed run draws the same ones.
-    """
-
-    def __init__(self, cfg: GRPOConfig):
-        self.heldout = {p.text for p in canonical_suite(cfg.heldout_per_category, seed=cfg.heldout_suite_seed)}
-        self.seed = cfg.seed
-        self.categories, self.probabilities = _category_mix(cfg.category_weights or {c: 1.0 for c in PROMPT_SOURCES}, self._has_training_prompts)
-
-    @staticmethod
-    def _prompt(category: str, rng: np.random.Generator) -> Prompt:
-        return composition_prompt(rng) if category == COMPOSITION else canonical_prompt(category, rng)
-
-    def _has_training_prompts(self, category: str) -> bool:
-        rng = np.random.default_rng([self.seed, 99, PROMPT_SOURCES.index(category)])
-        return any(self._prompt(category, rng).text not in self.heldout for _ in range(PROBE_DRAWS))
-
-    def draw(self, step: int, n: int) -> list[Prompt]:
-        rng = np.random.default_rng([self.seed, 7, step])
-        prompts = []
-        for category in rng.choice(self.categories, size=n, p=self.probabilities):
-            prompt = self._prompt(str(category), rng)
-            while prompt.text in self.heldout:
-                prompt = self._prompt(str(category), rng)
-            prompts.append(prompt)
-        return prompts
-
-
-def _edit_key(pair: EditPair) -> str:
-    return json.dumps([pair.instruction, pair.source.to_dict()], sort_keys=True)
-
-
-class TrainingEdits:
-    """Edit pairs from the data engine (canonical instructions, as the ImgEdit suite's), minus every pair of the
-    held-out suite. Random source scenes make a collision rare; it is checked anyway. Step k's pairs depend on
-    (seed, k) alone."""
-
-    def __init__(self, cfg: GRPOConfig):
-        self.heldout = {_edit_key(p) for p in edit_suite(cfg.heldout_per_category, seed=cfg.heldout_suite_seed)}
-        self.seed = cfg.seed
-        self.categories, self.probabilities = _category_mix(cfg.category_weights or {c: 1.0 for c in EDIT_CATEGORIES}, lambda c: True)
-
-    def draw(self, step: int, n: int) -> list[EditPair]:
-        rng = np.random.default_rng([self.seed, 8, step])
-        pairs = []
-        for category in rng.choice(self.categories, size=n, p=self.probabilities):
-            pair = sample_edit(str(category), rng)
-            while _edit_key(pair) in self.heldout:
-                pair = sample_edit(str(category), rng)
-            pairs.append(pair)
-        return pairs
-
-
-# ----------------------------------------------------------------------------- objective
 
 
 class Policy(torch.nn.Module):
@@ -263,19 +114,7 @@ def grpo_loss(
     return loss, {"kl": kl.mean().item(), "clip_fraction": clipped.item()}
 
 
-# ----------------------------------------------------------------------------- rollouts
-
-
-@dataclass
-class Rollouts:
-    items: list  # one per rollout: the Prompt or EditPair (each repeated num_generations times)
-    input_ids: torch.Tensor  # left-padded AR inputs
-    attention_mask: torch.Tensor
-    codes: torch.Tensor  # (N, n) sampled blueprints
-    images: list[np.ndarray] | None  # None when no reward reads images (plan rewards only)
-
-
-def sample_rollouts(pipe, task: "GRPOTask", items: list, cfg: GRPOConfig, generator: torch.Generator) -> Rollouts:
+def sample_rollouts(pipe, task: GRPOTask, items: list, cfg: GRPOConfig, generator: torch.Generator) -> Rollouts:
     """`num_generations` blueprints per prompt (or edit pair) from the current policy, rendered by the frozen
     diffusion model unless only plan rewards are weighed."""
     repeated = [item for item in items for _ in range(cfg.num_generations)]
@@ -291,171 +130,6 @@ def sample_rollouts(pipe, task: "GRPOTask", items: list, cfg: GRPOConfig, genera
     return Rollouts(repeated, ids, mask, out.blueprints.to(ids.device), [np.asarray(im) for im in out.images])
 
 
-# ----------------------------------------------------------------------------- tasks
-
-
-def _change_row(name: str, n: int | str, before: float | None, after: float | None, digits: int = 3) -> str:
-    if before is None or after is None:
-        return f"| {name} | {n} | {before} | {after} | |"
-    return f"| {name} | {n} | {before:.{digits}f} | {after:.{digits}f} | {after - before:+.{digits}f} |"
-
-
-def _before_after_grid(cells: list, rows_before: list[dict], rows_after: list[dict], text: str, columns: int):
-    """Cells captioned "pass -> fail: <prompt or instruction>" and framed by the result after RL."""
-    from ..viz import image_grid
-
-    verdict = lambda row: "pass" if row["passed"] else "fail"  # noqa: E731
-    captions = [f"{verdict(b)} -> {verdict(a)}: {b[text]}" for b, a in zip(rows_before, rows_after)]
-    return image_grid(cells, captions, [a["passed"] for a in rows_after], tile=128, columns=columns)
-
-
-class TextToImage:
-    """GRPO on text to image: data-engine prompts, the AR model, GenEval-style rewards and evaluation."""
-
-    edits = False
-    reward_names = REWARD_NAMES
-    image_reward_names = IMAGE_REWARD_NAMES
-
-    def __init__(self, cfg: GRPOConfig):
-        self.training = TrainingPrompts(cfg)
-        self.reward = VerifierReward(cfg.reward_weights)
-
-    @staticmethod
-    def render(pipe, prompts: list[Prompt], **options: Any):
-        texts = [p.text for p in prompts]
-        return pipe(texts, **options), *pipe.tokenize(texts)
-
-    @staticmethod
-    def plans(pipe, prompts: list[Prompt], sampling: SamplingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The AR inputs and the blueprints sampled after them, nothing rendered."""
-        ids, mask = pipe.tokenize([p.text for p in prompts])
-        return ids, mask, pipe.written_blueprint(ids, mask, sampling, generator).codes
-
-    def score(self, rollouts: Rollouts) -> Rewards:
-        blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None
-        return self.reward([p.requirement for p in rollouts.items], rollouts.images, blueprints)
-
-    @staticmethod
-    def evaluate(pipe, cfg: GRPOConfig) -> dict:
-        """GenEval-ShapeWorld on the held-out suite (the prompts training never sees), with the model's defaults;
-        for a semantic-blueprint model also the plan score of the same blueprints (`plan`)."""
-        from ..eval.suites import evaluate_t2i, generate_t2i_items, geneval_suite, plan_summary
-
-        prompts, counts = geneval_suite(cfg.eval_per_category, seed=cfg.heldout_suite_seed)
-        items = generate_t2i_items(pipe, prompts, counts, seed=cfg.eval_seed, progress=False)
-        summary = evaluate_t2i(items)[1]
-        return {**summary, "plan": plan_summary(items)} if pipe.model.semantic else summary
-
-    @staticmethod
-    def table(before: dict, after: dict) -> str:
-        """Markdown table of strict pass (and OCR) per category, before and after RL; then the plan score's, if any."""
-        lines = ["| category | n | before | after | change |", "|---|---|---|---|---|"]
-        for cat, b in before["categories"].items():
-            a = after["categories"][cat]
-            lines.append(_change_row(cat, b["n"], b["pass"], a["pass"]))
-            if "ocr" in b:
-                lines.append(_change_row(f"{cat} (OCR reward)", b["n"], b["ocr"], a["ocr"]))
-            lines.append(_change_row(f"{cat} (partial)", b["n"], b["partial"], a["partial"]))
-        lines.append(_change_row("**overall** (six GenEval categories)", "", before["overall"], after["overall"]))
-        if "plan" in before and "plan" in after:
-            for cat, b in before["plan"]["categories"].items():
-                lines.append(_change_row(f"plan score: {cat}", b["n"], b["pass"], after["plan"]["categories"][cat]["pass"]))
-            lines.append(_change_row("**plan score overall**", "", before["plan"]["overall"], after["plan"]["overall"]))
-        return "\n".join(lines)
-
-    @staticmethod
-    def grid(before_pipe, after_pipe, cfg: GRPOConfig, per_category: int = 2):
-        """The same held-out prompts and seeds through the model before and after RL, side by side."""
-        from ..eval.suites import evaluate_t2i, generate_t2i_items
-
-        prompts = canonical_suite(per_category, seed=cfg.heldout_suite_seed)
-        before, after = [generate_t2i_items(pipe, prompts, [1] * len(prompts), seed=cfg.eval_seed, progress=False) for pipe in (before_pipe, after_pipe)]
-        rows_b, rows_a = evaluate_t2i(before)[0], evaluate_t2i(after)[0]
-        return _before_after_grid([[b.images[0], a.images[0]] for b, a in zip(before, after)], rows_b, rows_a, "prompt", columns=4)
-
-
-class Editing:
-    """GRPO on editing: data-engine edit pairs, an edit model's edit AR model, edit rewards, ImgEdit evaluation."""
-
-    edits = True
-    reward_names = EDIT_REWARD_NAMES
-    image_reward_names = EDIT_IMAGE_REWARD_NAMES
-
-    def __init__(self, cfg: GRPOConfig):
-        self.training = TrainingEdits(cfg)
-        self.reward = EditReward(cfg.reward_weights)
-
-    @staticmethod
-    def render(pipe, pairs: list[EditPair], **options: Any):
-        sources, instructions = [render_scene(p.source) for p in pairs], [p.instruction for p in pairs]
-        inputs = pipe.edit_inputs(sources, instructions)
-        return pipe.edit(sources, instructions, **options), inputs.input_ids, inputs.attention_mask
-
-    @staticmethod
-    def plans(pipe, pairs: list[EditPair], sampling: SamplingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The AR inputs of the edits (instruction and the source's blueprint as the model reads it) and the edit
-        blueprints sampled after them, nothing rendered."""
-        inputs = pipe.edit_inputs([render_scene(p.source) for p in pairs], [p.instruction for p in pairs])
-        ids, mask = inputs.input_ids, inputs.attention_mask
-        return ids, mask, pipe.written_blueprint(ids, mask, sampling, generator, edits=True).codes
-
-    def score(self, rollouts: Rollouts) -> Rewards:
-        blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None
-        return self.reward(rollouts.items, rollouts.images, blueprints)
-
-    @staticmethod
-    def _items(pipe, cfg: GRPOConfig, per_category: int):
-        from ..eval.suites import generate_edit_items
-
-        return generate_edit_items(pipe, edit_suite(per_category, seed=cfg.heldout_suite_seed), seed=cfg.eval_seed, progress=False)
-
-    def evaluate(self, pipe, cfg: GRPOConfig) -> dict:
-        """ImgEdit-ShapeWorld on the held-out suite (edit pairs training never sees), with the model's defaults; for
-        a semantic-blueprint model also the edit plan score of the same blueprints (`plan`)."""
-        from ..eval.suites import edit_plan_summary, evaluate_edits
-
-        items = self._items(pipe, cfg, cfg.eval_per_category)
-        summary = evaluate_edits(items)[1]
-        return {**summary, "plan": edit_plan_summary(items)} if pipe.model.semantic else summary
-
-    @staticmethod
-    def table(before: dict, after: dict) -> str:
-        """Markdown table of edit success and partial credit per category, then PSNR and consistency."""
-        lines = ["| category | n | before | after | change |", "|---|---|---|---|---|"]
-        for cat, b in before["categories"].items():
-            a = after["categories"][cat]
-            lines.append(_change_row(cat, b["n"], b["success"], a["success"]))
-            lines.append(_change_row(f"{cat} (partial)", b["n"], b["partial"], a["partial"]))
-        b, a = before["overall"], after["overall"]
-        lines.append(_change_row("**overall success** (mean of the categories)", b["n"], b["success"], a["success"]))
-        lines.append(_change_row("mean consistency PSNR (dB)", b["n"], b["psnr"], a["psnr"], digits=1))
-        lines.append(_change_row("successes at >= 30 dB", "", b["consistent_successes"], a["consistent_successes"]))
-        if "plan" in before and "plan" in after:
-            for cat, b in before["plan"]["categories"].items():
-                lines.append(_change_row(f"plan score: {cat}", b["n"], b["success"], after["plan"]["categories"][cat]["success"]))
-            lines.append(_change_row("**plan score overall**", "", before["plan"]["overall"]["success"], after["plan"]["overall"]["success"]))
-        return "\n".join(lines)
-
-    def grid(self, before_pipe, after_pipe, cfg: GRPOConfig, per_category: int = 2):
-        """The same held-out edits and seeds before and after RL: source | before | after."""
-        from ..eval.suites import evaluate_edits
-
-        before, after = self._items(before_pipe, cfg, per_category), self._items(after_pipe, cfg, per_category)
-        rows_b, rows_a = evaluate_edits(before)[0], evaluate_edits(after)[0]
-        cells = [[b.source_image, b.output_image, a.output_image] for b, a in zip(before, after)]
-        return _before_after_grid(cells, rows_b, rows_a, "instruction", columns=3)
-
-
-GRPOTask = TextToImage | Editing
-
-
-def make_task(cfg: GRPOConfig) -> GRPOTask:
-    return Editing(cfg) if cfg.task == "edit" else TextToImage(cfg)
-
-
-# ----------------------------------------------------------------------------- loop
-
-
 class PolicyStage(PretrainedModuleStage):
     """The whole model saved in checkpoints (only its AR part, or edit AR part, changes), so any checkpoint loads
     as a model."""
@@ -465,8 +139,9 @@ class PolicyStage(PretrainedModuleStage):
 
 
 def train_grpo(cfg: GRPOConfig) -> Path:
-    """Run (or resume) GRPO, then evaluate before and after on the held-out suite; returns the output folder."""
-    from ..models.modeling import Blip3oNext, export_model
+    """Run (or resume) GRPO between evaluations on the held-out suite before and after it (`evaluate_before`,
+    `evaluate_after`); returns the output folder, whose final/ holds the tuned model."""
+    from ..models.modeling import Blip3oNext
     from ..pipeline import Pipeline, resolve_model_path
 
     out = Path(cfg.output_dir)
@@ -475,9 +150,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = Blip3oNext.from_pretrained(resolve_model_path(cfg.init_from), torch_dtype=torch.float32)
     task = make_task(cfg)
-    if task.edits and not model.config.editing:
-        raise InputError(f"task edit needs a model trained to edit (edit SFT); {cfg.init_from} is not")
-    check_model_fits(model, cfg)
+    check_model_fits(model, task, cfg)
     if cfg.reader:
         model.add_reader()
     model.requires_grad_(False).eval()  # eval: no dropout, so the sampler and the loss see the same policy
@@ -495,10 +168,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         step, _ = load_checkpoint(resume, stage, optimizer, scheduler)
         logger.info("resumed from %s (step %d)", resume, step)
     timings = _read_timings(out)
-    if cfg.eval_per_category and not (out / "eval_before.json").is_file():
-        start = time.perf_counter()
-        write_json(out / "eval_before.json", task.evaluate(Pipeline.from_pretrained(cfg.init_from, cfg.device), cfg))
-        timings["eval_before_seconds"] = round(time.perf_counter() - start, 1)
+    evaluate_before(task, cfg, out, timings)
     metrics = MetricsLog(out, enabled=True)
     bar = tqdm(total=cfg.steps, initial=step, desc="grpo")
     while step < cfg.steps:
@@ -521,9 +191,27 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     bar.close()
     metrics.close()
     model.save_pretrained(out / "final")
-    if cfg.export_to:
-        export_model(out / "final", cfg.export_to)
-    if cfg.eval_per_category and _evaluated_step(out / "eval_after.json") != step:  # a run extended by --steps evaluates again
+    evaluate_after(task, cfg, out, step, timings)
+    write_json(out / "timings.json", timings)
+    return out
+
+
+def evaluate_before(task: GRPOTask, cfg: GRPOConfig, out: Path, timings: dict[str, float]) -> None:
+    """eval_before.json: the starting model on the held-out suite (once per run folder; `eval_per_category` 0 skips)."""
+    from ..pipeline import Pipeline
+
+    if cfg.eval_per_category and not (out / "eval_before.json").is_file():
+        start = time.perf_counter()
+        write_json(out / "eval_before.json", task.evaluate(Pipeline.from_pretrained(cfg.init_from, cfg.device), cfg))
+        timings["eval_before_seconds"] = round(time.perf_counter() - start, 1)
+
+
+def evaluate_after(task: GRPOTask, cfg: GRPOConfig, out: Path, step: int, timings: dict[str, float]) -> None:
+    """eval_after.json: final/ on the held-out suite; before_after.md, the table of both evaluations; before_after.png,
+    the same items before and after. A run extended by --steps evaluates again."""
+    from ..pipeline import Pipeline
+
+    if cfg.eval_per_category and _evaluated_step(out / "eval_after.json") != step:
         start = time.perf_counter()
         after_pipe = Pipeline.from_pretrained(out / "final", cfg.device)
         write_json(out / "eval_after.json", {**task.evaluate(after_pipe, cfg), "step": step})
@@ -531,17 +219,12 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         save_png(out / "before_after.png", task.grid(Pipeline.from_pretrained(cfg.init_from, cfg.device), after_pipe, cfg))
         before, after = (json.loads((out / f"eval_{k}.json").read_text()) for k in ("before", "after"))
         (out / "before_after.md").write_text(task.table(before, after) + "\n")
-    write_json(out / "timings.json", timings)
-    if cfg.docs_dir:
-        Path(cfg.docs_dir).mkdir(parents=True, exist_ok=True)
-        for name in RESULT_FILES:
-            if (out / name).is_file():
-                shutil.copyfile(out / name, Path(cfg.docs_dir) / name)
-    return out
 
 
-def check_model_fits(model, cfg: GRPOConfig) -> None:
+def check_model_fits(model, task: GRPOTask, cfg: GRPOConfig) -> None:
     """InputError naming what a run asks of its model that the model cannot give."""
+    if task.edits and not model.config.editing:
+        raise InputError(f"task edit needs a model trained to edit (edit SFT); {cfg.init_from} is not")
     if model.semantic and cfg.temperature != 1.0:
         raise InputError(f"{cfg.init_from} writes semantic blueprints, whose exact log-probs are at temperature 1; got temperature {cfg.temperature}")
     if cfg.reader and model.edit_ar is not None:
@@ -597,4 +280,3 @@ def _evaluated_step(path: Path) -> int | None:
 def _read_timings(out: Path) -> dict[str, float]:
     path = out / "timings.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
