@@ -175,7 +175,7 @@ def save_random_model(path: str) -> None:
     """Untrained weights of the tiny preset: the bundled model's shapes, so the same speed, for when none is trained yet."""
     import torch
 
-    from blip3o_next.models.modeling import build_model, tiny_parts_configs
+    from blip3o_next.models.presets import build_model, tiny_parts_configs
     from blip3o_next.models.text_tokenizer import build_text_tokenizer
 
     configs = tiny_parts_configs(vocab_size=0)

@@ -23,7 +23,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 from blip3o_next.models.autoregressive import SamplingConfig, build_sequences, image_span_prefix, position_ids_from_mask, sample_blueprint
 from blip3o_next.models.diffusion import sample_latents
 from blip3o_next.models.image_tokenizer import images_to_tensor, tensor_to_images
-from blip3o_next.models.modeling import Blip3oNext, build_model, tiny_parts_configs
+from blip3o_next.models.modeling import Blip3oNext
+from blip3o_next.models.presets import build_model, tiny_parts_configs
 from blip3o_next.pipeline import Pipeline, resolve_model_path
 from blip3o_next.runtime import keep_freed_memory
 from blip3o_next.shapeworld.dataset import t2i_samples

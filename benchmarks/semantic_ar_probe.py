@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from blip3o_next.models.autoregressive import SamplingConfig, build_sequences, position_ids_from_mask, prompt_ids, sample_blueprint
 from blip3o_next.eval.suites import format_t2i_table, geneval_suite, prompt_jobs
-from blip3o_next.models.modeling import tiny_parts_configs
+from blip3o_next.models.presets import tiny_parts_configs
 from blip3o_next.eval.scorers import summarize_t2i
 from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, plan_score
 from blip3o_next.models.semantic_embedding import SemanticEmbedding, input_embeddings, token_log_probs

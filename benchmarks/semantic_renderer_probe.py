@@ -40,7 +40,7 @@ from blip3o_next.models.diffusion import Condition, drop_condition, noisy_latent
 from blip3o_next.eval.suites import evaluate_t2i, format_t2i_table, geneval_suite, prompt_jobs, t2i_grid, t2i_items
 from blip3o_next.fileio import save_png
 from blip3o_next.models.image_tokenizer import images_to_tensor, tensor_to_images
-from blip3o_next.models.modeling import tiny_parts_configs
+from blip3o_next.models.presets import tiny_parts_configs
 from blip3o_next.pipeline import resolve_model_path
 from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, FACTOR_NAMES, anchor_of, decode_tokens, encode_scene
 from blip3o_next.shapeworld.dataset import t2i_samples

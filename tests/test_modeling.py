@@ -4,7 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip3o_next.models.modeling import Blip3oNext, CheckpointError, meta_parameter_counts, next3b_parts_configs
+from blip3o_next.models.modeling import Blip3oNext, CheckpointError
+
+from blip3o_next.models.presets import meta_parameter_counts, next3b_parts_configs
 
 
 def test_joint_loss(model_and_batch):

@@ -229,9 +229,8 @@ class Pipeline:
         (grayscale, RGBA, paletted) is converted to RGB. Options as in `__call__`.
 
         `preserve_unchanged` (None: the model's `edit_preserve_unchanged`) keeps the reference where the edit's
-        blueprint left it unchanged: the cells whose tokens differ from the reference's, widened by the model's
-        `edit_preserve_margin` cells, are generated, and the rest is held at the reference's latents during
-        sampling (`sample_latents`' `known`); with the model's `edit_paste_unchanged`, the decoded image then takes
+        blueprint left it unchanged: the cells whose tokens differ from the reference's are generated, and the rest is
+        held at the reference's latents during sampling (`sample_latents`' `known`); with the model's `edit_paste_unchanged`, the decoded image then takes
         the reference's own pixels there. `latents` and `blueprints` as in `__call__`."""
         options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p, edit=True)
         inputs = self.edit_inputs(images, instructions)
@@ -367,7 +366,7 @@ class Pipeline:
         if preserve is not None:
             reference_codes, reference_pixels = preserve
             vocab = model.image_embedding.vocab if model.semantic else None
-            keep = unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, model.latent_shape[1:], vocab)
+            keep = unchanged_cells(bp.codes, reference_codes, 0, model.latent_shape[1:], vocab)
             known = reference_latents, keep
         latents = sample_latents(
             self.transformer, model.scheduler.config, condition, model.latent_shape,

@@ -182,7 +182,8 @@ class ModelStage(PretrainedModuleStage):
         from diffusers import AutoencoderDC
         from transformers import PreTrainedTokenizerFast
 
-        from ..models.modeling import Blip3oNext, Blip3oNextConfig, build_model, image_tokenizer_class, tiny_parts_configs
+        from ..models.modeling import Blip3oNext, Blip3oNextConfig, image_tokenizer_class
+        from ..models.presets import build_model, tiny_parts_configs
         from ..models.semantic_encoder import SemanticEncoder
 
         self.cfg = cfg
