@@ -153,7 +153,7 @@ def generation_benchmark(pipe: Pipeline, compiled: Pipeline, batch: int, repeats
     ids, mask = pipe.tokenize(prompts)
     m = pipe.model
     ar_ours = lambda: sample_blueprint(m.ar, ids, mask, m.image_vocab, m.num_image_tokens, greedy)  # noqa: E731
-    ar_compiled = lambda: sample_blueprint(m.ar, ids, mask, m.image_vocab, m.num_image_tokens, greedy, None, compiled.ar_decoders[False])  # noqa: E731
+    ar_compiled = lambda: sample_blueprint(m.ar, ids, mask, m.image_vocab, m.num_image_tokens, greedy, None, compiled.ar_decoder)  # noqa: E731
     ar_theirs = lambda: official_style_blueprint(pipe, prompts)  # noqa: E731
     t = best_times({"ours": ours, "compiled": ours_compiled, "theirs": theirs, "ar_ours": ar_ours, "ar_compiled": ar_compiled,
                     "ar_theirs": ar_theirs}, repeats)
