@@ -39,7 +39,8 @@ import uvicorn
 
 from blip3o_next.models.modeling import enable_editing
 from blip3o_next.pipeline import Pipeline
-from blip3o_next.serving.server import ServerConfig, create_app
+from blip3o_next.serving.config import ServerConfig
+from blip3o_next.serving.server import create_app
 from blip3o_next.shapeworld.dataset import t2i_samples
 
 
