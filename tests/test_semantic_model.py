@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_next.models.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, sample_blueprint, sample_categorical
+from blip3o_next.models.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, kind_first_argmax, sample_blueprint, sample_categorical
 from blip3o_next.cli import main
 from blip3o_next.models.connector import Connector
 from blip3o_next.fileio import InputError
@@ -21,7 +21,7 @@ from blip3o_next.training.grpo_tasks import Rollouts
 from blip3o_next.models.image_tokenizer import images_to_tensor
 from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import Pipeline
-from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, decode_tokens, encode_scene, preview
+from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, TokenKind, decode_tokens, encode_scene, preview
 from blip3o_next.models.semantic_embedding import MIN_SPACE, SemanticEmbedding, token_log_probs
 from blip3o_next.models.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
@@ -301,3 +301,15 @@ def test_sample_categorical_draws_from_the_distribution_and_never_a_zero():
     for row in range(3):
         freq = torch.bincount(draws[:, row], minlength=50).float() / len(draws)
         assert (freq - probs[row]).abs().max() < 0.012 and not freq[probs[row] == 0].any()
+
+
+def test_greedy_semantic_decoding_picks_the_most_probable_kind_then_its_most_probable_id():
+    # ids 0-1: EMPTY and a background; ids 2-5: one shape at four offsets, 0.15 each (0.60 together) against EMPTY's
+    # 0.30, so the kind is a shape although EMPTY is the single most probable id. An id that is not allowed (-inf)
+    # counts for nothing: in row 2 only one offset of the shape is allowed, and EMPTY wins.
+    kinds = torch.tensor([TokenKind.EMPTY, TokenKind.BACKGROUND, TokenKind.SHAPE, TokenKind.SHAPE, TokenKind.SHAPE, TokenKind.SHAPE])
+    probs = torch.tensor([[0.30, 0.10, 0.15, 0.15, 0.16, 0.14], [0.70, 0.00, 0.10, 0.10, 0.05, 0.05], [0.30, 0.10, 0.15, 0.15, 0.16, 0.14]])
+    log_probs = probs.log()
+    log_probs[2, 3:] = -torch.inf
+    assert kind_first_argmax(log_probs, kinds).tolist() == [4, 0, 0]
+    assert log_probs.argmax(-1).tolist() == [0, 0, 0]  # the plain argmax over ids, which kept a cell EMPTY

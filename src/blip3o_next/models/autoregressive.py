@@ -88,14 +88,28 @@ def forced_blueprint(
 
 
 def _sample(
-    logits: torch.Tensor, input_ids: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, wide: bool = False
+    logits: torch.Tensor, input_ids: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None,
+    kinds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Draw one code per row. `wide` supports (the semantic blueprint's 49,311 ids) use `sample_categorical`; VQ
-    codebooks keep `torch.multinomial`, so that their documented results reproduce draw for draw."""
+    """Draw one code per row. A semantic blueprint (`kinds`: its id -> token kind map) draws with
+    `sample_categorical` and decodes greedily kind first (`kind_first_argmax`); VQ codebooks keep
+    `torch.multinomial` and the plain argmax, so that their documented results reproduce draw for draw."""
     if sampling.temperature == 0:
-        return logits.argmax(-1)
+        return logits.argmax(-1) if kinds is None else kind_first_argmax(logits, kinds)
     probs = sampling.processors()(input_ids, logits.float()).softmax(-1)
-    return sample_categorical(probs, generator) if wide else torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_categorical(probs, generator) if kinds is not None else torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def kind_first_argmax(log_probs: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding of a semantic blueprint position: the most probable kind of token (EMPTY, a shape anchor, a
+    letter, ...) by its total probability, then the most probable id of that kind. The plain argmax over ids
+    compares one shape anchor (its shape, color, size and one of 64 offsets) against EMPTY as a whole, so where an
+    edit adds or moves an object the model's probability of "an object here" (often over 0.5) is split over many
+    ids and the cell stays EMPTY: greedy edits copied the reference (docs/editing.md). `log_probs` (B, ids), -inf
+    where an id is not allowed; `kinds` (ids,) each id's `TokenKind`."""
+    mass = log_probs.new_zeros(log_probs.shape[0], int(kinds.max()) + 1).index_add_(1, kinds, log_probs.float().exp())
+    best = mass.argmax(-1, keepdim=True)
+    return log_probs.masked_fill(kinds != best, -torch.inf).argmax(-1)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -162,7 +176,7 @@ def sample_blueprint(
         else:
             allowed = embedding.allowed(tokens[:, prefix:at] - vocab.image_offset)
             logits = embedding.full_log_probs(hidden[-1][:, -1], step).masked_fill(~allowed, -torch.inf)
-        codes = _sample(logits, tokens[:, :at], sampling, generator, wide=embedding is not None)
+        codes = _sample(logits, tokens[:, :at], sampling, generator, None if embedding is None else embedding.kind_of)
         tokens[:, at] = codes + vocab.image_offset
         # A semantic token's row is built from its factors for the drawn ids only: the whole table (49,311 rows) cost
         # a quarter of a blueprint's time at batch 1, and the rows are the same either way.
