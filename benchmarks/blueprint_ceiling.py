@@ -22,12 +22,12 @@ import json
 import numpy as np
 import torch
 
-from blip3o_next.evaluation import (
+from blip3o_next.eval.suites import (
     EditItem, evaluate_edits, evaluate_t2i, format_edit_table, format_t2i_table, geneval_suite, prompt_jobs, t2i_items,
 )
-from blip3o_next.image_tokenizer import images_to_tensor
+from blip3o_next.models.image_tokenizer import images_to_tensor
 from blip3o_next.pipeline import Pipeline
-from blip3o_next.semantic_blueprint import encode_scene
+from blip3o_next.models.semantic_blueprint import encode_scene
 from blip3o_next.shapeworld.edits import edit_suite
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene_for

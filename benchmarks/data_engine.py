@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 from blip3o_next.shapeworld.degrade import DEGRADATIONS  # noqa: E402
 from blip3o_next.shapeworld.render import render  # noqa: E402
 from blip3o_next.shapeworld.sampler import sample_scene  # noqa: E402
-from blip3o_next.verifier import SceneParser  # noqa: E402
-from blip3o_next.verifier.accuracy import FIELDS, verifier_accuracy  # noqa: E402
+from blip3o_next.eval.verifier import SceneParser  # noqa: E402
+from blip3o_next.eval.verifier.accuracy import FIELDS, verifier_accuracy  # noqa: E402
 
 FLOORS = {"clean": 0.995, "blur": 0.97, "noise": 0.97, "jpeg": 0.97, "drift": 0.97, "combined": 0.93}
 

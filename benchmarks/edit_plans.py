@@ -12,8 +12,8 @@ import json
 
 from tqdm.auto import tqdm
 
-from blip3o_next.autoregressive import SamplingConfig
-from blip3o_next.evaluation import EditItem, edit_plan_summary, format_edit_table
+from blip3o_next.models.autoregressive import SamplingConfig
+from blip3o_next.eval.suites import EditItem, edit_plan_summary, format_edit_table
 from blip3o_next.pipeline import Pipeline
 from blip3o_next.shapeworld.edits import edit_suite
 from blip3o_next.shapeworld.render import render

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from blip3o_next.server import is_loopback
+from blip3o_next.serving.server import is_loopback
 
 PROMPTS = [
     "a photo of a red circle left of a blue star",
@@ -175,8 +175,8 @@ def save_random_model(path: str) -> None:
     """Untrained weights of the tiny preset: the bundled model's shapes, so the same speed, for when none is trained yet."""
     import torch
 
-    from blip3o_next.modeling import build_model, tiny_parts_configs
-    from blip3o_next.text_tokenizer import build_text_tokenizer
+    from blip3o_next.models.presets import build_model, tiny_parts_configs
+    from blip3o_next.models.text_tokenizer import build_text_tokenizer
 
     configs = tiny_parts_configs(vocab_size=0)
     tokenizer, _ = build_text_tokenizer(configs["image_tokenizer"]["codebook_size"], corpus_size=3000)

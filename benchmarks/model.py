@@ -20,15 +20,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
-from blip3o_next.autoregressive import SamplingConfig, build_sequences, image_span_prefix, position_ids_from_mask, sample_blueprint
-from blip3o_next.diffusion import sample_latents
-from blip3o_next.image_tokenizer import images_to_tensor, tensor_to_images
-from blip3o_next.modeling import Blip3oNext, build_model, tiny_parts_configs
+from blip3o_next.models.autoregressive import SamplingConfig, build_sequences, image_span_prefix, position_ids_from_mask, sample_blueprint
+from blip3o_next.models.diffusion import sample_latents
+from blip3o_next.models.image_tokenizer import images_to_tensor, tensor_to_images
+from blip3o_next.models.modeling import Blip3oNext
+from blip3o_next.models.presets import build_model, tiny_parts_configs
 from blip3o_next.pipeline import Pipeline, resolve_model_path
 from blip3o_next.runtime import keep_freed_memory
 from blip3o_next.shapeworld.dataset import t2i_samples
-from blip3o_next.text_tokenizer import data_engine_corpus, train_text_tokenizer
-from blip3o_next.vae import decode_latents, encode_latents
+from blip3o_next.models.text_tokenizer import data_engine_corpus, train_text_tokenizer
+from blip3o_next.models.vae import decode_latents, encode_latents
 
 
 def best_time(fn, repeats: int) -> float:
@@ -152,7 +153,7 @@ def generation_benchmark(pipe: Pipeline, compiled: Pipeline, batch: int, repeats
     ids, mask = pipe.tokenize(prompts)
     m = pipe.model
     ar_ours = lambda: sample_blueprint(m.ar, ids, mask, m.image_vocab, m.num_image_tokens, greedy)  # noqa: E731
-    ar_compiled = lambda: sample_blueprint(m.ar, ids, mask, m.image_vocab, m.num_image_tokens, greedy, None, compiled.ar_decoders[False])  # noqa: E731
+    ar_compiled = lambda: sample_blueprint(m.ar, ids, mask, m.image_vocab, m.num_image_tokens, greedy, None, compiled.ar_decoder)  # noqa: E731
     ar_theirs = lambda: official_style_blueprint(pipe, prompts)  # noqa: E731
     t = best_times({"ours": ours, "compiled": ours_compiled, "theirs": theirs, "ar_ours": ar_ours, "ar_compiled": ar_compiled,
                     "ar_theirs": ar_theirs}, repeats)

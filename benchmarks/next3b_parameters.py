@@ -10,7 +10,7 @@ stores (e.g. a TA-Tok copy under model.vision_tower, an untied lm_head), which i
 
 from __future__ import annotations
 
-from blip3o_next.modeling import meta_parameter_counts, next3b_parts_configs
+from blip3o_next.models.presets import meta_parameter_counts, next3b_parts_configs
 
 RELEASED_CARD_TOTALS = {  # rounded, as listed on huggingface.co/BLIP3o
     "BLIP3o-NEXT-Pretrain-3B": "5B",

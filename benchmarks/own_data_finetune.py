@@ -21,10 +21,11 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from blip3o_next.modeling import Blip3oNext
+from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import BUNDLED_MODELS
 from blip3o_next.shapeworld.dataset import t2i_samples
-from blip3o_next.trainer import TrainConfig, evaluate_loss, train
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import evaluate_loss, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "ablations" / "own_data_sft.yaml"
 LORA = {"rank": 16, "alpha": 32, "parts": ["ar", "transformer"]}  # lora_sft.yaml's

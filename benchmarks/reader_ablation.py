@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from blip3o_next.evaluation import evaluate_t2i, format_t2i_table, generate_t2i_items, geneval_suite, plan_summary
-from blip3o_next.modeling import Blip3oNext
+from blip3o_next.eval.suites import evaluate_t2i, format_t2i_table, generate_t2i_items, geneval_suite, plan_summary
+from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import Pipeline
 
 

@@ -23,15 +23,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from blip3o_next.autoregressive import SamplingConfig, build_sequences, position_ids_from_mask, prompt_ids, sample_blueprint
-from blip3o_next.evaluation import format_t2i_table, geneval_suite, prompt_jobs
-from blip3o_next.modeling import tiny_parts_configs
-from blip3o_next.scorers import summarize_t2i
-from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, plan_score
-from blip3o_next.semantic_embedding import SemanticEmbedding, input_embeddings, token_log_probs
+from blip3o_next.models.autoregressive import SamplingConfig, build_sequences, position_ids_from_mask, prompt_ids, sample_blueprint
+from blip3o_next.eval.suites import format_t2i_table, geneval_suite, prompt_jobs
+from blip3o_next.models.presets import tiny_parts_configs
+from blip3o_next.eval.scorers import summarize_t2i
+from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, plan_score
+from blip3o_next.models.semantic_embedding import SemanticEmbedding, input_embeddings, token_log_probs
 from blip3o_next.shapeworld.dataset import t2i_samples
-from blip3o_next.trainer import ModelStage
-from blip3o_next.text_tokenizer import build_text_tokenizer, extend_tokenizer
+from blip3o_next.training.stages import ModelStage
+from blip3o_next.models.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
 WEIGHTS = {"single_object": 0.5, "two_object": 1.0, "counting": 1.0, "colors": 0.5, "position": 1.0, "color_attr": 1.0, "text": 1.5, "dense": 1.5}
 

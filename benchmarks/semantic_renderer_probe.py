@@ -35,19 +35,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blip3o_next.connector import Connector
-from blip3o_next.diffusion import Condition, drop_condition, noisy_latents, predict_velocity, sample_latents, training_sigmas
-from blip3o_next.evaluation import evaluate_t2i, format_t2i_table, geneval_suite, prompt_jobs, t2i_grid, t2i_items
+from blip3o_next.models.connector import Connector
+from blip3o_next.models.diffusion import Condition, drop_condition, noisy_latents, predict_velocity, sample_latents, training_sigmas
+from blip3o_next.eval.suites import evaluate_t2i, format_t2i_table, geneval_suite, prompt_jobs, t2i_grid, t2i_items
 from blip3o_next.fileio import save_png
-from blip3o_next.image_tokenizer import images_to_tensor, tensor_to_images
-from blip3o_next.modeling import tiny_parts_configs
+from blip3o_next.models.image_tokenizer import images_to_tensor, tensor_to_images
+from blip3o_next.models.presets import tiny_parts_configs
 from blip3o_next.pipeline import resolve_model_path
-from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, FACTOR_NAMES, anchor_of, decode_tokens, encode_scene
+from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, FACTOR_NAMES, anchor_of, decode_tokens, encode_scene
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene_for
-from blip3o_next.trainer import ModelStage
-from blip3o_next.vae import decode_latents, encode_latents
+from blip3o_next.training.stages import ModelStage
+from blip3o_next.models.vae import decode_latents, encode_latents
 
 HIDDEN, GRID, LATENT_SIDE = 256, 8, 16
 

@@ -18,14 +18,14 @@ import time
 import numpy as np
 import torch
 
-from blip3o_next.image_tokenizer import images_to_tensor
-from blip3o_next.semantic_blueprint import decode_tokens, encode_scene
-from blip3o_next.semantic_encoder import SemanticEncoder
+from blip3o_next.models.image_tokenizer import images_to_tensor
+from blip3o_next.models.semantic_blueprint import decode_tokens, encode_scene
+from blip3o_next.models.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.degrade import DEGRADATIONS
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene
 from blip3o_next.shapeworld.world import Scene, scale
-from blip3o_next.verifier.accuracy import CENTER_TOLERANCE, FieldCounts, compare
+from blip3o_next.eval.verifier.accuracy import CENTER_TOLERANCE, FieldCounts, compare
 
 SIZE_TOLERANCE = 1.0  # px at S = 64
 

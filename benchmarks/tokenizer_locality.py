@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import torch
 
-from blip3o_next.image_tokenizer import NUM_COLOR_CLASSES, ImageTokenizer, cell_labels, images_to_tensor, semantic_batch
+from blip3o_next.models.image_tokenizer import NUM_COLOR_CLASSES, ImageTokenizer, cell_labels, images_to_tensor, semantic_batch
 from blip3o_next.pipeline import resolve_model_path
 from blip3o_next.shapeworld.edits import edit_suite
 from blip3o_next.shapeworld.render import render

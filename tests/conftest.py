@@ -6,14 +6,15 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from blip3o_next.autoregressive import build_sequences
-from blip3o_next.image_tokenizer import images_to_tensor
-from blip3o_next.modeling import Blip3oNext, build_model, tiny_parts_configs
-from blip3o_next.semantic_encoder import SemanticEncoder
+from blip3o_next.models.autoregressive import build_sequences
+from blip3o_next.models.image_tokenizer import images_to_tensor
+from blip3o_next.models.modeling import Blip3oNext
+from blip3o_next.models.presets import build_model, tiny_parts_configs
+from blip3o_next.models.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
-from blip3o_next.text_tokenizer import train_text_tokenizer
-from blip3o_next.trainer import TrainConfig
-from blip3o_next.vae import encode_latents
+from blip3o_next.models.text_tokenizer import train_text_tokenizer
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.models.vae import encode_latents
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from blip3o_next.autoregressive import (
+from blip3o_next.models.autoregressive import (
     SamplingConfig, cache_length, image_span_prefix, position_ids_from_mask, sample_blueprint,
 )
-from blip3o_next.connector import RMSNORM_INIT, Connector
-from blip3o_next.diffusion import Condition, drop_condition, flow_matching_loss, noisy_latents, sample_latents
+from blip3o_next.models.connector import RMSNORM_INIT, Connector
+from blip3o_next.models.diffusion import Condition, drop_condition, flow_matching_loss, noisy_latents, sample_latents
 from blip3o_next.pipeline import unchanged_cells
-from blip3o_next.text_tokenizer import ImageVocab
+from blip3o_next.models.text_tokenizer import ImageVocab
 
 VOCAB = ImageVocab(im_start=100, im_end=101, scales=(102, 103, 104), image_offset=105, codebook_size=64)
 

@@ -37,9 +37,10 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests 
 
 import uvicorn
 
-from blip3o_next.modeling import enable_editing
+from blip3o_next.models.modeling import enable_editing
 from blip3o_next.pipeline import Pipeline
-from blip3o_next.server import ServerConfig, create_app
+from blip3o_next.serving.config import ServerConfig
+from blip3o_next.serving.server import create_app
 from blip3o_next.shapeworld.dataset import t2i_samples
 
 

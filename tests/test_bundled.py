@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from blip3o_next.evaluation import evaluate_edits, evaluate_t2i, generate_edit_items, generate_t2i_items, geneval_suite, plan_summary
+from blip3o_next.eval.suites import evaluate_edits, evaluate_t2i, generate_edit_items, generate_t2i_items, geneval_suite, plan_summary
 from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
 from blip3o_next.shapeworld.edits import edit_suite
 

@@ -8,16 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from blip3o_next.autoregressive import build_sequences
+from blip3o_next.models.autoregressive import build_sequences
 from blip3o_next.cli import main
-from blip3o_next.evaluation import EditItem, evaluate_edits
-from blip3o_next.diffusion import Condition, predict_velocity
-from blip3o_next.modeling import Blip3oNext, enable_editing
+from blip3o_next.eval.suites import EditItem, evaluate_edits
+from blip3o_next.models.diffusion import Condition, predict_velocity
+from blip3o_next.models.modeling import Blip3oNext, enable_editing
 from blip3o_next.pipeline import Pipeline
 from blip3o_next.shapeworld.edits import EDIT_CATEGORIES, parse_instruction, sample_edit
 from blip3o_next.shapeworld.render import render
-from blip3o_next.trainer import TrainConfig, is_edit_position, train
-from blip3o_next.verifier import SceneParser
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.data import is_edit_position
+from blip3o_next.training.trainer import train
+from blip3o_next.eval.verifier import SceneParser
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""FSDP (blip3o_next.fsdp): a 2-process sharded run (accelerate launch, gloo on the CPU) against one process on the
+"""FSDP (blip3o_next.training.fsdp): a 2-process sharded run (accelerate launch, gloo on the CPU) against one process on the
 same global batch, its sharded checkpoints resumed, and the one-line errors of a damaged checkpoint."""
 
 import csv
@@ -13,16 +13,19 @@ import torch
 import yaml
 
 from blip3o_next.fileio import InputError
-from blip3o_next.fsdp import check_shards, shard_name
-from blip3o_next.grpo import GRPOConfig
-from blip3o_next.trainer import TrainConfig, latest_checkpoint, train
+from blip3o_next.training.fsdp import check_shards, shard_name
+from blip3o_next.training.grpo_config import GRPOConfig
+from blip3o_next.training.checkpoints import latest_checkpoint
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
 
 from conftest import final_state, pretrain_config
 
 ROOT = Path(__file__).parents[1]
 LAUNCH_CONFIG = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
 STOP_AFTER = """import sys
-from blip3o_next.trainer import TrainConfig, train
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
 train(TrainConfig.from_yaml(sys.argv[1]), stop_after=int(sys.argv[2]))
 """
 

@@ -11,21 +11,20 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from blip3o_next.autoregressive import SamplingConfig, forced_blueprint, sample_blueprint
+from blip3o_next.models.autoregressive import SamplingConfig, forced_blueprint, sample_blueprint
 from blip3o_next.cli import main
-from blip3o_next.grpo import (
-    GRPOConfig, Policy, Rollouts, TextToImage, TrainingEdits, TrainingPrompts, group_advantages, grpo_loss, hidden_drift, policy_update,
-    sample_rollouts, train_grpo,
-)
-from blip3o_next.modeling import Blip3oNext
+from blip3o_next.training.grpo import Policy, group_advantages, grpo_loss, hidden_drift, policy_update, sample_rollouts, train_grpo
+from blip3o_next.training.grpo_config import GRPOConfig
+from blip3o_next.training.grpo_tasks import Rollouts, TextToImage, TrainingEdits, TrainingPrompts
+from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
-from blip3o_next.rewards import EditReward, VerifierReward
-from blip3o_next.semantic_blueprint import encode_scene
+from blip3o_next.training.rewards import EditReward, VerifierReward
+from blip3o_next.models.semantic_blueprint import encode_scene
 from blip3o_next.shapeworld.edits import edit_suite, sample_edit
 from blip3o_next.shapeworld.prompts import canonical_suite, parse_prompt
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene_for
-from blip3o_next.text_tokenizer import ImageVocab
+from blip3o_next.models.text_tokenizer import ImageVocab
 
 # ----------------------------------------------------------------------------- rewards
 
@@ -282,7 +281,7 @@ def test_grpo_resumes_from_its_last_checkpoint(tmp_path, caplog):
     cfg = GRPOConfig(output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=1, num_generations=2, num_inference_steps=1,
                      lr=1e-3, eval_per_category=0, checkpoint_every=1)
     (first,) = _metrics(train_grpo(cfg))
-    with caplog.at_level(logging.INFO, logger="blip3o_next.grpo"):
+    with caplog.at_level(logging.INFO, logger="blip3o_next.training.grpo"):
         out = train_grpo(dataclasses.replace(cfg, steps=2))
     assert "resumed from" in caplog.text and "(step 1)" in caplog.text
     rows = _metrics(out)

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from blip3o_next.fileio import InputError
-from blip3o_next.lora import (
+from blip3o_next.training.lora import (
     DEFAULT_TARGETS,
     LoraSettings,
     add_adapters,
@@ -20,8 +20,10 @@ from blip3o_next.lora import (
     merge_adapters,
     save_adapters,
 )
-from blip3o_next.modeling import PICKLE_SUFFIXES, Blip3oNext
-from blip3o_next.trainer import TrainConfig, latest_checkpoint, train
+from blip3o_next.models.modeling import PICKLE_SUFFIXES, Blip3oNext
+from blip3o_next.training.checkpoints import latest_checkpoint
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
 
 LORA = {"rank": 4, "alpha": 8, "parts": ["ar", "transformer"]}
 

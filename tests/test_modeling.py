@@ -4,7 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip3o_next.modeling import Blip3oNext, CheckpointError, meta_parameter_counts, next3b_parts_configs
+from blip3o_next.models.modeling import Blip3oNext, CheckpointError
+
+from blip3o_next.models.presets import meta_parameter_counts, next3b_parts_configs
 
 
 def test_joint_loss(model_and_batch):
@@ -69,7 +71,7 @@ def test_prompt_conditioning_ablation_ignores_the_blueprint(model_and_batch):
 
     from diffusers import SanaTransformer2DModel
 
-    from blip3o_next.connector import Connector
+    from blip3o_next.models.connector import Connector
 
     model = copy.deepcopy(model_and_batch[0])
     model.config = dataclasses.replace(model.config, condition_source="prompt")

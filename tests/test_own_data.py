@@ -17,10 +17,14 @@ import webdataset as wds
 from PIL import Image
 
 from blip3o_next.fileio import InputError
-from blip3o_next.modeling import Blip3oNext
-from blip3o_next.own_data import OwnData, fit_to_canvas
+from blip3o_next.models.modeling import Blip3oNext
+from blip3o_next.training.own_data import OwnData, fit_to_canvas
 from blip3o_next.shapeworld.dataset import edit_samples, t2i_samples
-from blip3o_next.trainer import TrainConfig, evaluate_loss, process_batch, latest_checkpoint, make_stage, sample_generators, train
+from blip3o_next.training.checkpoints import latest_checkpoint
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.data import process_batch, sample_generators
+from blip3o_next.training.stages import make_stage
+from blip3o_next.training.trainer import evaluate_loss, train
 
 from test_lora import LORA, sft_config
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_next.autoregressive import SamplingConfig
+from blip3o_next.models.autoregressive import SamplingConfig
 from blip3o_next.pipeline import Pipeline
 
 

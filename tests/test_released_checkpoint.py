@@ -13,12 +13,12 @@ from torch import nn
 from transformers import AutoModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Siglip2VisionConfig, Siglip2VisionModel, SiglipConfig
 
 from blip3o_next.cli import main
-from blip3o_next.modeling import Blip3oNext, CheckpointError
+from blip3o_next.models.modeling import Blip3oNext, CheckpointError
 from blip3o_next.pipeline import Pipeline
-from blip3o_next.released_checkpoint import load_released, released_prompt
-from blip3o_next.ta_tok import TATok
-from blip3o_next.text_tokenizer import train_text_tokenizer
-from blip3o_next.vae import tiny_vae_config
+from blip3o_next.models.released_checkpoint import load_released, released_prompt
+from blip3o_next.models.ta_tok import TATok
+from blip3o_next.models.text_tokenizer import train_text_tokenizer
+from blip3o_next.models.vae import tiny_vae_config
 
 CODES, HIDDEN, WIDTH = 64, 32, 24
 PLAIN_CHAT = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"

@@ -5,13 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from blip3o_next.scorers import PSNR_CAP, check_edit, check_t2i, ocr_reward, summarize_edits, summarize_t2i
+from blip3o_next.eval.scorers import PSNR_CAP, check_edit, check_t2i, ocr_reward, summarize_edits, summarize_t2i
 from blip3o_next.shapeworld.edits import EDIT_CATEGORIES, edit_suite
 from blip3o_next.shapeworld.prompts import GENEVAL_CATEGORIES, canonical_suite
 from blip3o_next.shapeworld.render import make_text, render
 from blip3o_next.shapeworld.sampler import place_shape, sample_scene_for
 from blip3o_next.shapeworld.world import BACKGROUNDS, COLORS, SHAPES, default_text_color
-from blip3o_next.verifier import SceneParser
+from blip3o_next.eval.verifier import SceneParser
 
 PARSER = SceneParser()
 

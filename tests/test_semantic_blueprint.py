@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_next.scorers import check_t2i
-from blip3o_next.semantic_blueprint import (
+from blip3o_next.eval.scorers import check_t2i
+from blip3o_next.models.semantic_blueprint import (
     BACKGROUND_NAMES,
     DEFAULT_VOCAB,
     FACTOR_NAMES,
@@ -41,7 +41,7 @@ from blip3o_next.shapeworld.world import (
     region_holds,
     relation_holds,
 )
-from blip3o_next.verifier import SceneParser
+from blip3o_next.eval.verifier import SceneParser
 
 V = DEFAULT_VOCAB
 CFG = V.config
@@ -406,7 +406,7 @@ def test_background_names_follow_the_world():
 
 
 def test_object_boxes_name_each_drawing_token_and_its_box():
-    from blip3o_next.semantic_blueprint import object_boxes
+    from blip3o_next.models.semantic_blueprint import object_boxes
 
     word = make_text("HIMW", 32.5, 44.5, 12, "blue")
     scene = Scene(64, "white", (ShapeObject("star", "red", 12.5, 12.5, 12),), word)

@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_next.autoregressive import SamplingConfig, build_sequences, forced_blueprint, sample_blueprint
+from blip3o_next.models.autoregressive import SamplingConfig, build_sequences, forced_blueprint, sample_blueprint
 from blip3o_next.cli import main
-from blip3o_next.evaluation import EditItem, edit_plan_summary
-from blip3o_next.grpo import GRPOConfig, train_grpo
-from blip3o_next.modeling import Blip3oNext
+from blip3o_next.eval.suites import EditItem, edit_plan_summary
+from blip3o_next.training.grpo import train_grpo
+from blip3o_next.training.grpo_config import GRPOConfig
+from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import Pipeline, unchanged_cells
-from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, changed_region, encode_scene
+from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, changed_region, encode_scene
 from blip3o_next.shapeworld.edits import EDIT_CATEGORIES, parse_instruction, sample_edit
 from blip3o_next.shapeworld.render import make_text, render
 from blip3o_next.shapeworld.world import Scene, ShapeObject
-from blip3o_next.trainer import TrainConfig, train
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
 
 SCENE = Scene(64, "white", (ShapeObject("circle", "red", 16.5, 16.5, 12), ShapeObject("square", "blue", 44.5, 44.5, 14)))
 

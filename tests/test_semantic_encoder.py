@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_next.image_tokenizer import images_to_tensor
-from blip3o_next.semantic_blueprint import encode_batch
-from blip3o_next.semantic_encoder import CELL_FACTORS, SemanticEncoder
+from blip3o_next.models.image_tokenizer import images_to_tensor
+from blip3o_next.models.semantic_blueprint import encode_batch
+from blip3o_next.models.semantic_encoder import CELL_FACTORS, SemanticEncoder
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene
 
@@ -71,7 +71,8 @@ def test_mismatched_stem_is_refused():
 
 
 def test_the_training_stage_trains_and_exports_a_loadable_encoder(tmp_path):
-    from blip3o_next.trainer import TrainConfig, train
+    from blip3o_next.training.config import TrainConfig
+    from blip3o_next.training.trainer import train
 
     cfg = TrainConfig(stage="semantic_tokenizer", output_dir=str(tmp_path / "run"), steps=2, batch_size=4, lr=1e-3, warmup_steps=1,
                       checkpoint_every=2, log_every=1, parts={"semantic_tokenizer": SMALL})

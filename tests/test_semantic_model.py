@@ -11,22 +11,26 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_next.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, kind_first_argmax, sample_blueprint, sample_categorical
+from blip3o_next.models.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, kind_first_argmax, sample_blueprint, sample_categorical
 from blip3o_next.cli import main
-from blip3o_next.connector import Connector
+from blip3o_next.models.connector import Connector
 from blip3o_next.fileio import InputError
-from blip3o_next.grpo import GRPOConfig, Policy, Rollouts, policy_update, train_grpo
-from blip3o_next.image_tokenizer import images_to_tensor
-from blip3o_next.modeling import Blip3oNext
+from blip3o_next.training.grpo import Policy, policy_update, train_grpo
+from blip3o_next.training.grpo_config import GRPOConfig
+from blip3o_next.training.grpo_tasks import Rollouts
+from blip3o_next.models.image_tokenizer import images_to_tensor
+from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import Pipeline
-from blip3o_next.semantic_blueprint import DEFAULT_VOCAB, TokenKind, decode_tokens, encode_scene, preview
-from blip3o_next.semantic_embedding import MIN_SPACE, SemanticEmbedding, token_log_probs
-from blip3o_next.semantic_encoder import SemanticEncoder
+from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, TokenKind, decode_tokens, encode_scene, preview
+from blip3o_next.models.semantic_embedding import MIN_SPACE, SemanticEmbedding, token_log_probs
+from blip3o_next.models.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.sampler import sample_scene
 from blip3o_next.shapeworld.world import Scene
-from blip3o_next.trainer import TrainConfig, latest_checkpoint, train
-from blip3o_next.vae import encode_latents
+from blip3o_next.training.checkpoints import latest_checkpoint
+from blip3o_next.training.config import TrainConfig
+from blip3o_next.training.trainer import train
+from blip3o_next.models.vae import encode_latents
 
 from conftest import small_configs
 

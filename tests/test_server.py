@@ -19,7 +19,9 @@ from fastapi.testclient import TestClient
 
 from blip3o_next.cli import main
 from blip3o_next.pipeline import Pipeline, PipelineOutput
-from blip3o_next.server import ServerConfig, create_app, decode_image, is_loopback, served_host_names
+from blip3o_next.serving.config import ServerConfig
+from blip3o_next.serving.inputs import decode_image
+from blip3o_next.serving.server import create_app, is_loopback, served_host_names
 
 
 def png(size=(64, 64), color=(200, 30, 30), mode="RGB") -> bytes:
@@ -54,8 +56,8 @@ class FakePipe:
 class EditingPipe(FakePipe):
     """A stand-in that can edit, as the pipeline will once editing lands."""
 
-    def edit(self, image, instruction, seed=None, num_inference_steps=None, guidance_scale=None):
-        self.calls.append({"image": image, "instruction": instruction, "seed": seed, "steps": num_inference_steps})
+    def edit(self, image, instruction, seed=None, num_inference_steps=None, guidance_scale=None, **sampling):
+        self.calls.append({"image": image, "instruction": instruction, "seed": seed, "steps": num_inference_steps, **sampling})
         return self._output(1, seed)
 
 
@@ -265,7 +267,7 @@ def test_edit_calls_the_pipeline_when_it_can_edit():
         assert [(c["seed"], c["steps"], c["instruction"]) for c in pipe.calls] == [(5, 3, "make it red"), (6, 3, "make it red")]
         assert pipe.calls[0]["image"].mode == "RGB" and pipe.calls[0]["image"].getpixel((0, 0)) == (255, 255, 255)
         r = client.post("/api/edit", json={"image": base64.b64encode(png()).decode(), "instruction": "x", "top_k": 3})
-        assert r.status_code == 422 and "does not take top_k" in r.json()["error"]
+        assert r.status_code == 200 and pipe.calls[-1]["top_k"] == 3
         r = client.post("/api/edit", json={"image": base64.b64encode(png()).decode(), "instruction": "x"}, headers={"Accept": "image/png"})
         assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_next.image_tokenizer import (
+from blip3o_next.models.image_tokenizer import (
     NUM_COLOR_CLASSES, NUM_SHAPE_CLASSES, ImageTokenizer, cell_labels, images_to_tensor, semantic_batch, tensor_to_images,
 )
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.world import Scene, ShapeObject
-from blip3o_next.text_tokenizer import IM_END, IM_START, extend_tokenizer, image_token, train_text_tokenizer
+from blip3o_next.models.text_tokenizer import IM_END, IM_START, extend_tokenizer, image_token, train_text_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 

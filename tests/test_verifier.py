@@ -6,8 +6,8 @@ import pytest
 from blip3o_next.shapeworld.render import render
 from blip3o_next.shapeworld.sampler import sample_scene
 from blip3o_next.shapeworld.world import Scene, ShapeObject
-from blip3o_next.verifier import SceneParser
-from blip3o_next.verifier.accuracy import verifier_accuracy
+from blip3o_next.eval.verifier import SceneParser
+from blip3o_next.eval.verifier.accuracy import verifier_accuracy
 
 FLOORS = {"clean": 0.995, "blur": 0.97, "noise": 0.97, "jpeg": 0.97, "drift": 0.97, "combined": 0.93}
 

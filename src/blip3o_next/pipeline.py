@@ -19,21 +19,22 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .autoregressive import Blueprint, SamplingConfig, forced_blueprint, prompt_ids, sample_blueprint
-from .diffusion import sample_latents
+from .models.autoregressive import Blueprint, SamplingConfig, forced_blueprint, prompt_ids, sample_blueprint
+from .models.diffusion import sample_latents
 from .fileio import to_rgb
-from .image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
-from .modeling import Blip3oNext
-from .semantic_blueprint import SemanticVocab, changed_region
-from .semantic_encoder import SemanticEncoder
-from .released_checkpoint import PROMPT_TEMPLATE, is_released_layout, load_released, released_prompt
-from .vae import decode_latents, encode_latents
+from .models.image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
+from .models.modeling import Blip3oNext
+from .models.semantic_blueprint import SemanticVocab, changed_region
+from .models.semantic_encoder import SemanticEncoder
+from .models.released_checkpoint import PROMPT_TEMPLATE, is_released_layout, load_released, released_prompt
+from .models.vae import decode_latents, encode_latents
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,26 @@ class EditInputs:
     attention_mask: torch.Tensor
 
 
+@dataclass
+class GenerationOptions:
+    """The options of generation and edits alike: keyword arguments of `Pipeline.__call__` and `Pipeline.edit`.
+    Unset (None) ones take the model's defaults (its config)."""
+
+    seed: int | None = None  # seeds a new generator; ignored when `generator` is given
+    generator: torch.Generator | None = None
+    num_inference_steps: int | None = None  # diffusion steps
+    guidance_scale: float | None = None  # classifier-free guidance
+    sampling: SamplingConfig | None = None  # the AR sampling options at once, in place of temperature, top_k and top_p
+    temperature: float | None = None  # AR sampling; 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    progress: bool = False  # a progress bar over the diffusion steps
+    latents: torch.Tensor | None = None  # (B, C, H, W) the diffusion's starting noise, as in diffusers (e.g. shared by
+    # images that should differ only in their blueprints)
+    blueprints: torch.Tensor | None = None  # (B, N) image-token codes rendered instead of sampled ones (teacher-forced
+    # through the AR model; e.g. the image tokenizer's codes of a real image, as in benchmarks/blueprint_ceiling.py)
+
+
 class Pipeline:
     """Registers a model's parts by name and runs generation; owns no weights of its own."""
 
@@ -76,9 +97,9 @@ class Pipeline:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.transformer = compile_for_inference(self.model.transformer) if compile_transformer else self.model.transformer
-        decoder = compile_for_inference(self.model.ar.model) if compile_ar else None
-        edit_decoder = compile_for_inference(self.model.edit_ar.model) if compile_ar and self.model.edit_ar is not None else decoder
-        self.ar_decoders = {False: decoder, True: edit_decoder}  # by "is it an edit"
+        self.ar_decoder = compile_for_inference(self.model.ar.model) if compile_ar else None
+        separate = compile_ar and self.model.edit_ar is not None
+        self.edit_ar_decoder = compile_for_inference(self.model.edit_ar.model) if separate else self.ar_decoder
 
     @classmethod
     def from_pretrained(
@@ -94,7 +115,7 @@ class Pipeline:
     ) -> "Pipeline":
         """Load a checkpoint folder or a bundled model by name; weights are cast to `torch_dtype`
         (the bundled ones are stored in float16 and run in float32 by default). A folder in the official BLIP3o-NEXT
-        release layout is read by `released_checkpoint.load_released`, which also needs the local `ta_tok` file,
+        release layout is read by `models.released_checkpoint.load_released`, which also needs the local `ta_tok` file,
         `siglip` and `diffusion` (SANA 1.5) folders it names."""
         folder = resolve_model_path(path)
         if is_released_layout(folder):
@@ -160,90 +181,63 @@ class Pipeline:
                 mask[i, length - len(r) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _options(
-        self, steps: int | None, guidance: float | None, sampling: SamplingConfig | None, temperature, top_k, top_p, edit: bool = False
-    ) -> tuple[int, float, SamplingConfig]:
-        """The generation options, unset ones taken from the model's config (for edits, its `edit_temperature`)."""
+    def _resolve(self, options: GenerationOptions, edit: bool = False) -> GenerationOptions:
+        """`options` checked, with the unset ones taken from the model's config (for edits, its `edit_temperature`)
+        and `seed` turned into a generator."""
         cfg = self.model.config
+        temperature = options.temperature
         if temperature is None and edit and cfg.edit_temperature is not None:
             temperature = cfg.edit_temperature
-        steps = cfg.num_inference_steps if steps is None else steps
-        guidance = cfg.guidance_scale if guidance is None else guidance
-        sampling = sampling or SamplingConfig(
+        steps = cfg.num_inference_steps if options.num_inference_steps is None else options.num_inference_steps
+        guidance = cfg.guidance_scale if options.guidance_scale is None else options.guidance_scale
+        sampling = options.sampling or SamplingConfig(
             temperature=cfg.temperature if temperature is None else temperature,
-            top_k=cfg.top_k if top_k is None else top_k,
-            top_p=cfg.top_p if top_p is None else top_p,
+            top_k=cfg.top_k if options.top_k is None else options.top_k,
+            top_p=cfg.top_p if options.top_p is None else options.top_p,
         )
         if steps < 1 or not (math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"need num_inference_steps >= 1 and a finite guidance_scale >= 0, got {steps}, {guidance}")
-        return steps, guidance, sampling
+        return GenerationOptions(
+            generator=_generator(options.generator, options.seed), num_inference_steps=steps, guidance_scale=guidance, sampling=sampling,
+            progress=options.progress, latents=options.latents, blueprints=options.blueprints,
+        )
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompts: str | list[str],
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampling: SamplingConfig | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        progress: bool = False,
-        latents: torch.Tensor | None = None,
-        blueprints: torch.Tensor | None = None,
-    ) -> PipelineOutput:
-        """Generate one image per prompt. Unset options take the model's defaults (its config);
-        `sampling` replaces all AR sampling options at once. `latents` (B, C, H, W), as in diffusers, are the
-        diffusion's starting noise (e.g. shared by images that should differ only in their blueprints). `blueprints`
-        (B, N) image-token codes are rendered instead of sampled ones (teacher-forced through the AR model; e.g. the
-        image tokenizer's codes of a real image, as in benchmarks/blueprint_ceiling.py)."""
+    def __call__(self, prompts: str | list[str], **options: Any) -> PipelineOutput:
+        """Generate one image per prompt. `options` are `GenerationOptions`' fields (seed, num_inference_steps,
+        guidance_scale, temperature, top_k, top_p, ...); unset ones take the model's defaults (its config)."""
         prompts = _texts(prompts, "prompt")
-        options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p)
-        self._check_latents(latents, len(prompts))
-        self._check_blueprints(blueprints, len(prompts))
+        resolved = self._resolve(GenerationOptions(**options))
+        self._check_batch(resolved, len(prompts))
         ids, mask = self.tokenize(prompts)
-        return self._render(ids, mask, *options, _generator(generator, seed), progress, noise=latents, blueprints=blueprints)
+        return self._render(ids, mask, resolved)
 
     @torch.no_grad()
     def edit(
-        self,
-        images: Image.Image | np.ndarray | list,
-        instructions: str | list[str],
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampling: SamplingConfig | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        progress: bool = False,
-        preserve_unchanged: bool | None = None,
-        latents: torch.Tensor | None = None,
-        blueprints: torch.Tensor | None = None,
+        self, images: Image.Image | np.ndarray | list, instructions: str | list[str], preserve_unchanged: bool | None = None, **options: Any
     ) -> PipelineOutput:
         """Edit each image by its instruction (one image with several instructions, or several images with one
         instruction, pair up too). Images of another size are resized to the model's, with a notice; any mode
-        (grayscale, RGBA, paletted) is converted to RGB. Options as in `__call__`.
+        (grayscale, RGBA, paletted) is converted to RGB. `options` as in `__call__` (`GenerationOptions`).
 
         `preserve_unchanged` (None: the model's `edit_preserve_unchanged`) keeps the reference where the edit's
-        blueprint left it unchanged: the cells whose tokens differ from the reference's, widened by the model's
-        `edit_preserve_margin` cells, are generated, and the rest is held at the reference's latents during
-        sampling (`sample_latents`' `known`); with the model's `edit_paste_unchanged`, the decoded image then takes
-        the reference's own pixels there. `latents` and `blueprints` as in `__call__`."""
-        options = self._options(num_inference_steps, guidance_scale, sampling, temperature, top_k, top_p, edit=True)
+        blueprint left it unchanged: the cells whose tokens differ from the reference's are generated, and the rest is
+        held at the reference's latents during sampling (`sample_latents`' `known`); with the model's
+        `edit_paste_unchanged`, the decoded image then takes the reference's own pixels there."""
+        resolved = self._resolve(GenerationOptions(**options), edit=True)
         inputs = self.edit_inputs(images, instructions)
-        self._check_latents(latents, len(inputs.input_ids))
-        self._check_blueprints(blueprints, len(inputs.input_ids))
+        self._check_batch(resolved, len(inputs.input_ids))
         if preserve_unchanged is None:
             preserve_unchanged = self.model.config.edit_preserve_unchanged
         return self._render(
-            inputs.input_ids, inputs.attention_mask, *options, _generator(generator, seed), progress,
-            reference_latents=encode_latents(self.model.vae, inputs.pixels), noise=latents,
-            preserve=(inputs.reference_codes, inputs.pixels) if preserve_unchanged else None, blueprints=blueprints,
+            inputs.input_ids, inputs.attention_mask, resolved, reference_latents=encode_latents(self.model.vae, inputs.pixels),
+            preserve=(inputs.reference_codes, inputs.pixels) if preserve_unchanged else None,
         )
+
+    def _check_batch(self, options: GenerationOptions, n: int) -> None:
+        """`latents` and `blueprints`, if given, fit a batch of `n`."""
+        self._check_latents(options.latents, n)
+        self._check_blueprints(options.blueprints, n)
 
     def _check_latents(self, latents: torch.Tensor | None, n: int) -> None:
         if latents is not None and tuple(latents.shape) != (n, *self.model.latent_shape):
@@ -303,7 +297,7 @@ class Pipeline:
         prompts as instructions, without rendering them (what the plan score and RL on plan rewards read). Options
         as in `__call__` (for edits, `edit`); the same seed writes the same blueprints as `__call__` or `edit`."""
         edits = images is not None
-        sampling = self._options(None, None, sampling, None, None, None, edit=edits)[2]
+        sampling = self._resolve(GenerationOptions(sampling=sampling), edit=edits).sampling
         if edits:
             inputs = self.edit_inputs(images, prompts)
             ids, mask = inputs.input_ids, inputs.attention_mask
@@ -317,8 +311,9 @@ class Pipeline:
         """The blueprint the AR model (the edit AR model for `edits`) samples after AR inputs that are already built
         (`tokenize`, `edit_inputs`), with its own hidden states; RL rollouts, which keep those inputs, call it."""
         model = self.model
+        decoder = self.edit_ar_decoder if edits else self.ar_decoder
         return sample_blueprint(model.ar_for(edits), ids, mask, model.image_vocab, model.num_image_tokens, sampling, generator,
-                                self.ar_decoders[edits], model.image_embedding)
+                                decoder, model.image_embedding)
 
     def _blueprint(
         self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, edits: bool = False,
@@ -340,23 +335,18 @@ class Pipeline:
         self,
         ids: torch.Tensor,
         mask: torch.Tensor,
-        steps: int,
-        guidance: float,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-        progress: bool,
+        options: GenerationOptions,
         reference_latents: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
         preserve: tuple[torch.Tensor, torch.Tensor] | None = None,
-        blueprints: torch.Tensor | None = None,
     ) -> PipelineOutput:
-        """From AR inputs to images: (1) the blueprint and its hidden states in one cached pass (or, for given
-        `blueprints`, one teacher-forced pass), (2) the connector
-        (plus an edit's reference latents), (3) CFG flow-matching sampling (from `noise` if given; with `preserve`,
+        """From AR inputs to images, with resolved `options` (`_resolve`): (1) the blueprint and its hidden states in one
+        cached pass (or, for given `blueprints`, one teacher-forced pass), (2) the connector
+        (plus an edit's reference latents), (3) CFG flow-matching sampling (from `latents` if given; with `preserve`,
         the reference's codes and pixels, cells the blueprint keeps stay at the reference latents), (4) decoding
         (with `preserve` and `edit_paste_unchanged`, those cells then take the reference's pixels)."""
         model = self.model
-        bp = self._blueprint(ids, mask, sampling, generator, edits=reference_latents is not None, blueprints=blueprints)
+        generator, noise = options.generator, options.latents
+        bp = self._blueprint(ids, mask, options.sampling, generator, edits=reference_latents is not None, blueprints=options.blueprints)
         if model.config.condition_source == "prompt":  # the no-blueprint ablation: the prompt's states
             condition = model.condition(bp.prompt_hidden_states, mask)
         else:
@@ -367,11 +357,11 @@ class Pipeline:
         if preserve is not None:
             reference_codes, reference_pixels = preserve
             vocab = model.image_embedding.vocab if model.semantic else None
-            keep = unchanged_cells(bp.codes, reference_codes, model.config.edit_preserve_margin, model.latent_shape[1:], vocab)
+            keep = unchanged_cells(bp.codes, reference_codes, 0, model.latent_shape[1:], vocab)
             known = reference_latents, keep
         latents = sample_latents(
             self.transformer, model.scheduler.config, condition, model.latent_shape,
-            num_steps=steps, guidance_scale=guidance, generator=generator, progress=progress,
+            num_steps=options.num_inference_steps, guidance_scale=options.guidance_scale, generator=generator, progress=options.progress,
             latents=None if noise is None else noise.to(self.device, condition.tokens.dtype), known=known,
         )
         decoded = decode_latents(model.vae, latents)

@@ -41,7 +41,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageOps
 
-from .fileio import InputError, decode_image
+from ..fileio import InputError, decode_image
 
 logger = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .fileio import InputError, load_square_image, read_jsonl
+from ..fileio import InputError, load_square_image, read_jsonl
 from .scorers import EditResult, T2IResult, check_edit, check_t2i, summarize_edits, summarize_t2i
-from .shapeworld.edits import EditError, EditSpec, parse_instruction
-from .shapeworld.prompts import PromptParseError, Requirement, parse_prompt
-from .shapeworld.world import MAX_CANVAS, MIN_CANVAS, Scene
+from ..shapeworld.edits import EditError, EditSpec, parse_instruction
+from ..shapeworld.prompts import PromptParseError, Requirement, parse_prompt
+from ..shapeworld.world import MAX_CANVAS, MIN_CANVAS, Scene
 from .verifier import SceneParser
-from .viz import image_grid
+from ..viz import image_grid
 
 GRID_LIMIT = 256  # cells; larger evaluations show the first ones
 
@@ -115,7 +115,7 @@ def geneval_suite(per_category: int, seed: int = 0) -> tuple[list, list[int]]:
     Categories with fewer distinct prompts than `per_category` (e.g. single objects: one per shape) give each
     prompt more images, so every category is scored on at least `per_category` images.
     """
-    from .shapeworld.prompts import canonical_suite
+    from ..shapeworld.prompts import canonical_suite
 
     prompts = canonical_suite(per_category, seed=seed)
     sizes = {c: sum(p.category == c for p in prompts) for c in {p.category for p in prompts}}
@@ -163,7 +163,7 @@ def t2i_items(prompts: Sequence, jobs: Sequence[int], images: Sequence, blueprin
 def plan_summary(items: Sequence[T2IItem]) -> dict:
     """The plan score of the items' semantic blueprints: each decoded to its scene and checked against the prompt
     (`semantic_blueprint.plan_score`; no diffusion, no verifier). Summarised as `evaluate_t2i`'s images are."""
-    from .semantic_blueprint import plan_score
+    from ..models.semantic_blueprint import plan_score
 
     pairs = [(item.category, plan_score(plan, item.requirement)) for item in items for plan in item.blueprints or []]
     return summarize_t2i([c for c, _ in pairs], [r for _, r in pairs])
@@ -172,7 +172,7 @@ def plan_summary(items: Sequence[T2IItem]) -> dict:
 def generate_edit_items(pipe, pairs: Sequence, seed: int = 0, batch_size: int = 16, progress: bool = True, **edit_kwargs) -> list[EditItem]:
     """Carry out canonical edit pairs (shapeworld.edits.EditPair) with a Pipeline: one output per pair, scored
     later against the pair's ground-truth source and target scenes. Batch k is drawn with seed `seed + k`."""
-    from .shapeworld.render import render
+    from ..shapeworld.render import render
 
     sources = [render(p.source) for p in pairs]
     out = pipe.generate_in_batches([p.instruction for p in pairs], batch_size, seed, progress, reference_images=sources, **edit_kwargs)
@@ -187,8 +187,8 @@ def edit_plan_summary(items: Sequence[EditItem]) -> dict:
     scene and instruction (no diffusion, no verifier; the consistency PSNR compares the source's drawing, which
     `generate_edit_items` made, with the plan's). Says whether the AR model wrote the right edit, apart from how it
     was rendered."""
-    from .semantic_blueprint import decode_tokens
-    from .shapeworld.render import render
+    from ..models.semantic_blueprint import decode_tokens
+    from ..shapeworld.render import render
 
     plans = [decode_tokens(item.blueprint) for item in items]
     results = [scored_edit(item, plan, render(plan), item.source_scene) for item, plan in zip(items, plans)]

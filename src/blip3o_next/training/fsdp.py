@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .fileio import InputError
+from ..fileio import InputError
 
 UNSHARDED = ("image_tokenizer", "vae")  # frozen encoders the loss calls outside forward: whole on every process
 UNSHARDED_KEYS = tuple(f"{name}." for name in UNSHARDED)

@@ -17,8 +17,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from ..shapeworld.render import SUPERSAMPLE, font_for_cap_height
-from ..shapeworld.world import CAP_HEIGHT_RANGE, MAX_WORD_LEN, scale
+from ...shapeworld.render import SUPERSAMPLE, font_for_cap_height
+from ...shapeworld.world import CAP_HEIGHT_RANGE, MAX_WORD_LEN, scale
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 BEAM = 5

@@ -58,7 +58,7 @@ class ImageVocab:
 
 def data_engine_corpus(n: int, seed: int = 0) -> Iterator[str]:
     """Text the model will read: captions and paraphrases of every t2i category, and edit instructions."""
-    from .shapeworld.dataset import edit_samples, t2i_samples
+    from ..shapeworld.dataset import edit_samples, t2i_samples
 
     rng = np.random.default_rng(seed)
     t2i, edits = t2i_samples(seed), edit_samples(seed + 1)

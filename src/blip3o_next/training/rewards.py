@@ -37,13 +37,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .evaluation import parse_images
-from .scorers import check_edit, check_t2i
-from .semantic_blueprint import decode_tokens, plan_score
-from .shapeworld.edits import EditPair
-from .shapeworld.prompts import Requirement
-from .shapeworld.render import render
-from .verifier import SceneParser
+from ..eval.suites import parse_images
+from ..eval.scorers import check_edit, check_t2i
+from ..models.semantic_blueprint import decode_tokens, plan_score
+from ..shapeworld.edits import EditPair
+from ..shapeworld.prompts import Requirement
+from ..shapeworld.render import render
+from ..eval.verifier import SceneParser
 
 IMAGE_REWARD_NAMES = ("strict", "partial", "ocr", "precision")
 PLAN_REWARD_NAMES = ("plan", "plan_partial")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from peft import LoraConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 
 if TYPE_CHECKING:
-    from .modeling import Blip3oNext
+    from ..models.modeling import Blip3oNext
 
 Adapters = dict[str, PeftModel]  # by part name: peft's handle on the adapters injected into that part
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ..shapeworld.degrade import DEGRADATIONS
-from ..shapeworld.render import render
-from ..shapeworld.sampler import sample_scene
-from ..shapeworld.world import Scene, scale
+from ...shapeworld.degrade import DEGRADATIONS
+from ...shapeworld.render import render
+from ...shapeworld.sampler import sample_scene
+from ...shapeworld.world import Scene, scale
 from .parser import SceneParser
 
 FIELDS = ("background", "count", "shape", "color", "center", "word")

@@ -39,7 +39,7 @@ from torch import nn
 from transformers import Qwen3ForCausalLM
 
 from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind
-from .shapeworld.world import scale
+from ..shapeworld.world import scale
 from .text_tokenizer import ImageVocab
 
 MIN_SPACE = 1.0  # px a sampled shape keeps from the canvas edge and from every other shape (see `allowed`)

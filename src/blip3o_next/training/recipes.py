@@ -1,6 +1,8 @@
 """Recipes: stage configs run in order, each a training run (`trainer.train`) or a GRPO run (`grpo.train_grpo`) as
 its `stage:` says; then the last model exported in a smaller dtype (the bundled weights) and each stage's curves,
 last sample grid and timings copied to the recipe's `docs_dir`. `blip3o train --config` reads a recipe or one stage.
+The library writes only into run folders; copying results into docs/ is this module's job alone (a recipe's
+`docs_dir`, or a GRPO stage file's `docs_dir`: its evaluations, table, grid and curves).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fileio import InputError, write_json
-from .grpo import GRPOConfig, train_grpo
-from .modeling import export_model
-from .trainer import TrainConfig, read_extended_yaml, read_yaml, train
+from ..fileio import InputError, write_json
+from ..models.modeling import export_model
+from .config import TrainConfig, config_from_mapping, read_extended_yaml, read_yaml
+from .grpo import RESULT_FILES, train_grpo
+from .grpo_config import GRPOConfig
+from .trainer import train
 
 
 @dataclass
@@ -51,11 +55,6 @@ def is_recipe(path: str | os.PathLike) -> bool:
     return "stages" in read_yaml(path)
 
 
-def read_stage(path: str | os.PathLike) -> str | None:
-    """The `stage:` a config file names (following `extends:`), without validating the rest."""
-    return read_extended_yaml(path).get("stage")
-
-
 def run_recipe(recipe: Recipe) -> dict[str, float]:
     """Train every stage, export the result, copy curves and grids to the docs; returns seconds per stage."""
     timings: dict[str, float] = {}
@@ -71,12 +70,34 @@ def run_recipe(recipe: Recipe) -> dict[str, float]:
     return timings
 
 
+def read_stage_file(path: str | os.PathLike, stage: str | None = None, **overrides: Any) -> tuple[TrainConfig | GRPOConfig, str | None]:
+    """The config a stage file describes (GRPOConfig for `stage: grpo`, or when `stage` says so; else TrainConfig) and
+    the folder its results are copied to: a GRPO file's `docs_dir`, if set."""
+    data = read_extended_yaml(path)
+    if (stage or data.get("stage")) != "grpo":
+        return config_from_mapping(TrainConfig, data, path, **overrides), None
+    docs_dir = data.pop("docs_dir", None)
+    return config_from_mapping(GRPOConfig, data, path, **overrides), docs_dir
+
+
 def train_stage_file(path: str | os.PathLike, stage: str | None = None, **overrides: Any) -> Path:
-    """Run the stage a config file describes (GRPO for `stage: grpo`, or when `stage` says so; else `train`);
-    returns its output folder."""
-    if (stage or read_stage(path)) == "grpo":
-        return train_grpo(GRPOConfig.from_yaml(path, **overrides))
-    return train(TrainConfig.from_yaml(path, **overrides))
+    """Run the stage a config file describes (`read_stage_file`); returns its output folder. A GRPO file's `docs_dir`
+    receives the run's results (`grpo.RESULT_FILES`)."""
+    cfg, docs_dir = read_stage_file(path, stage, **overrides)
+    if not isinstance(cfg, GRPOConfig):
+        return train(cfg)
+    out = train_grpo(cfg)
+    if docs_dir:
+        copy_results(out, Path(docs_dir), RESULT_FILES)
+    return out
+
+
+def copy_results(out: Path, docs: Path, names: tuple[str, ...]) -> None:
+    """Copy those of `names` that the run folder `out` holds into `docs`."""
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (out / name).is_file():
+            shutil.copyfile(out / name, docs / name)
 
 
 def copy_training_docs(outputs: list[Path], names: list[str], docs: Path, timings: dict[str, float]) -> None:

@@ -22,8 +22,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from ..shapeworld.render import block_sums, inside_shape
-from ..shapeworld.world import BACKGROUNDS, COLORS, SHAPES, TEXT_INK, Scene, ShapeObject, TextObject, scale
+from ...shapeworld.render import block_sums, inside_shape
+from ...shapeworld.world import BACKGROUNDS, COLORS, SHAPES, TEXT_INK, Scene, ShapeObject, TextObject, scale
 from .ocr import BLUR_LEVELS, read_word
 
 INKS = tuple(COLORS) + tuple(TEXT_INK)

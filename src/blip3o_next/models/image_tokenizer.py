@@ -21,8 +21,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
-from .shapeworld.render import shape_alpha, text_alpha
-from .shapeworld.world import BACKGROUNDS, COLORS, SHAPES, Scene
+from ..shapeworld.render import shape_alpha, text_alpha
+from ..shapeworld.world import BACKGROUNDS, COLORS, SHAPES, Scene
 
 # Cell classes of the semantic objective: 0 = background, then the palette / the shapes, last = text.
 NUM_COLOR_CLASSES = 1 + len(COLORS) + 1

@@ -69,6 +69,9 @@ an autoregressive model's malformed blueprints can still be previewed and scored
 
 Lengths live in `BlueprintConfig`; only S = 64 is used and tested. Sizes and cap heights are counted in px
 at S = 64 and scale with the canvas, like every length of the contract.
+
+Over 400 lines on purpose: one format, documented once above; the encoder, the total decoder, the preview, the plan
+score and the changed region all read or write it, and apart they would each need this description.
 """
 
 from __future__ import annotations
@@ -86,10 +89,10 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from .scorers import T2IResult, check_t2i
-from .shapeworld.prompts import LETTERS, Requirement
-from .shapeworld.render import glyph_boxes, make_text, render_pil
-from .shapeworld.world import (
+from ..eval.scorers import T2IResult, check_t2i
+from ..shapeworld.prompts import LETTERS, Requirement
+from ..shapeworld.render import glyph_boxes, make_text, render_pil
+from ..shapeworld.world import (
     BACKGROUNDS,
     CAP_HEIGHT_RANGE,
     COLORS,

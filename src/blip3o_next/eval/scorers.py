@@ -15,10 +15,10 @@ import numpy as np
 from rapidfuzz.distance import Levenshtein
 from scipy.optimize import linear_sum_assignment
 
-from .shapeworld.edits import RESIZE_FACTORS, EditSpec, find_referent
-from .shapeworld.prompts import CATEGORIES, GENEVAL_CATEGORIES, ObjectSpec, Requirement, text_group_index
-from .shapeworld.render import shape_alpha, text_alpha
-from .shapeworld.world import Box, Scene, ShapeObject, default_text_color, region_holds, relation_holds, scale, size_class
+from ..shapeworld.edits import RESIZE_FACTORS, EditSpec, find_referent
+from ..shapeworld.prompts import CATEGORIES, GENEVAL_CATEGORIES, ObjectSpec, Requirement, text_group_index
+from ..shapeworld.render import shape_alpha, text_alpha
+from ..shapeworld.world import Box, Scene, ShapeObject, default_text_color, region_holds, relation_holds, scale, size_class
 
 POSITION_TOLERANCE = 3.0  # px at S = 64: an untouched object may move this much
 SIZE_TOLERANCE = 0.25  # ...and change size by this fraction

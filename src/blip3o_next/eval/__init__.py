@@ -1,0 +1,1 @@
+"""Evaluation: the ShapeWorld verifier (`verifier/`), the GenEval- and ImgEdit-style scorers, and the suites."""

@@ -1,0 +1,1 @@
+"""Serving: the web demo and HTTP JSON API (`blip3o serve`)."""
