@@ -1,7 +1,7 @@
 """Probe: the tiny AR model on semantic blueprint tokens alone (no diffusion), measured by the plan score.
 
 Trains the tiny preset's Qwen3 AR model (same size as the bundled model's) to write the exact semantic blueprint of
-the data engine's scene after its caption, with the factorised image-token embedding (`semantic_embedding.py`),
+the data engine's scene after its caption, with the factorised image-token embedding (`models/semantic_embedding.py`),
 then samples blueprints for the canonical GenEval-ShapeWorld suite (full distribution: no top-k / top-p, only the
 sampler's constraint `SemanticEmbedding.allowed`) and scores each decoded plan against its prompt with the verifier's checks
 (`semantic_blueprint.plan_score`). Says how far the AR half of the semantic design gets in minutes of CPU.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip3o_next.models.modeling import Blip3oNext, CheckpointError
+from blip3o_next.models.modeling import Blip3oNext, CheckpointError, read_config
 
 from blip3o_next.models.presets import meta_parameter_counts, next3b_parts_configs
 
@@ -90,3 +90,20 @@ def test_prompt_conditioning_ablation_ignores_the_blueprint(model_and_batch):
     assert torch.equal(a.flow_matching_loss, b.flow_matching_loss) and not torch.equal(a.ce_loss, b.ce_loss)
     out = Pipeline(model)(["a photo of a star", "a photo of two red circles above a cross"], seed=0, num_inference_steps=2)
     assert len(out.images) == 2
+
+
+def test_config_of_a_removed_field_loads_only_at_its_implemented_value(tmp_path):
+    # A checkpoint saved before `edit_preserve_margin` was removed (always 0) still loads; another value, which the
+    # code no longer implements, is a clear error, as is any key the config never had.
+    import json
+    from blip3o_next.pipeline import resolve_model_path
+
+    config = json.loads((resolve_model_path("tiny") / "blip3o_config.json").read_text())
+    for extra, error in (({"edit_preserve_margin": 0}, None), ({"edit_preserve_margin": 1}, "edit_preserve_margin=1 is no longer supported"),
+                         ({"no_such_field": 1}, "no_such_field")):
+        (tmp_path / "blip3o_config.json").write_text(json.dumps({**config, **extra}))
+        if error is None:
+            assert read_config(tmp_path).edit_temperature == config["edit_temperature"]
+        else:
+            with pytest.raises(CheckpointError, match=error):
+                read_config(tmp_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,8 @@ from .semantic_encoder import SemanticEncoder
 from .ta_tok import TATok
 from .text_tokenizer import ImageVocab
 from .vae import spatial_compression
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "blip3o_config.json"
 SUBFOLDERS = ("tokenizer", "image_tokenizer", "ar", "connector", "transformer", "vae", "scheduler")
@@ -533,9 +536,25 @@ def read_config(path: str | os.PathLike) -> Blip3oNextConfig:
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (not a BLIP3o-NEXT checkpoint folder)")
     try:
-        return Blip3oNextConfig(**json.loads(config_file.read_text()))
+        return Blip3oNextConfig(**_without_removed_keys(json.loads(config_file.read_text()), config_file))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {e}") from None
+
+
+# Config fields that were removed, with the one value the code still implements: checkpoints saved before keep loading.
+REMOVED_CONFIG_KEYS = {"edit_preserve_margin": 0}
+
+
+def _without_removed_keys(config: dict, config_file: Path) -> dict:
+    """`config` without the removed fields that hold the value the code implements (logged); any other value of a
+    removed field is an error, since the model would then behave differently from how it was trained."""
+    for key, implemented in REMOVED_CONFIG_KEYS.items():
+        if key in config:
+            value = config.pop(key)
+            if value != implemented:
+                raise ValueError(f"{key}={value!r} is no longer supported (removed; only {implemented!r} is implemented)")
+            logger.warning("%s: ignoring the removed field %s=%r", config_file, key, value)
+    return config
 
 
 def enable_editing(model: Blip3oNext, reference_connector: dict | None = None, **switches: bool) -> Blip3oNext:
