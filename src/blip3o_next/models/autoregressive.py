@@ -18,6 +18,7 @@ from transformers import Qwen3ForCausalLM, StaticCache
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .semantic_blueprint import TokenKind
 from .semantic_embedding import SemanticEmbedding, input_embeddings
 from .text_tokenizer import ImageVocab
 
@@ -107,7 +108,7 @@ def kind_first_argmax(log_probs: torch.Tensor, kinds: torch.Tensor) -> torch.Ten
     edit adds or moves an object the model's probability of "an object here" (often over 0.5) is split over many
     ids and the cell stays EMPTY: greedy edits copied the reference (docs/editing.md). `log_probs` (B, ids), -inf
     where an id is not allowed; `kinds` (ids,) each id's `TokenKind`."""
-    mass = log_probs.new_zeros(log_probs.shape[0], int(kinds.max()) + 1).index_add_(1, kinds, log_probs.float().exp())
+    mass = log_probs.new_zeros(log_probs.shape[0], len(TokenKind), dtype=torch.float32).index_add_(1, kinds, log_probs.float().exp())
     best = mass.argmax(-1, keepdim=True)
     return log_probs.masked_fill(kinds != best, -torch.inf).argmax(-1)
 
