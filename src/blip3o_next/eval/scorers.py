@@ -1,7 +1,7 @@
 """Scorers over parsed scenes: GenEval-style text-to-image checks, ImgEdit-style edit checks, and the OCR reward.
 
 All checks compare the verifier's parse of an image with what the prompt or instruction
-asks (shared/spec/shapeworld.md, "What a generated image must show" and "Edit instructions").
+asks, under ShapeWorld v1's rules for generated images and edits (choices beyond them: docs/design.md, "ShapeWorld").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Every input is read and checked before anything is scored, so bad input fails fa
 
 PROMPTS.jsonl, one object per line:
     id          (required) image file stem: IMAGES_DIR/<id>.png, or a folder IMAGES_DIR/<id>/ of samples
-    prompt      (required) canonical prompt text (shared/spec/shapeworld.md)
+    prompt      (required) canonical prompt text (ShapeWorld v1, `shapeworld.prompts`)
     category    (optional) one of the eight categories; omitted -> "custom" (not in the GenEval overall)
     requirement (optional) structured requirement; omitted -> parsed from the prompt
 EDITS.jsonl, one object per line:

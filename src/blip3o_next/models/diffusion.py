@@ -29,7 +29,7 @@ class Condition:
     `tokens` (B, L, D) are cross-attended to (`mask` (B, L) marks the valid ones; None = all). `spatial`
     (B, C, H, W), when the model has a spatial path, is concatenated to the transformer's input channels.
 
-    For editing, the reference image's VAE latents enter two ways (system.md item 9): `reference_tokens`
+    For editing, the reference image's VAE latents enter two ways (docs/design.md#official-editing): `reference_tokens`
     (B, R, D), its projected latents, are cross-attended to after `tokens`; `reference` (B, C, H, W) latents are
     concatenated to the noisy latents along the width, and the output's reference half is discarded (the official
     form), or `reference_channels` (B, C, H, W) along the channels. CFG's unconditional branch keeps all three

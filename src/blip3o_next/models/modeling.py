@@ -77,7 +77,7 @@ class Blip3oNextConfig:
     # What the diffusion model cross-attends to: "blueprint" (the AR hidden states over <S0> and the image
     # tokens, as in BLIP3o-NEXT) or "prompt" (the hidden states over the prompt only: the no-blueprint ablation).
     condition_source: str = "blueprint"
-    # Editing (system.md item 9): the reference image enters the AR model as image tokens before the instruction's
+    # Editing (docs/design.md#official-editing): the reference image enters the AR model as image tokens before the instruction's
     # answer, and the diffusion model through its VAE latents, as cross-attention tokens and/or by noise-space
     # injection. `editing` is set by the edit SFT stage; the two switches choose the latent paths.
     editing: bool = False

@@ -1,6 +1,6 @@
 """Edit pairs: a source scene, an instruction (canonical or paraphrased), and the expected target scene.
 
-The nine categories and their canonical templates follow shared/spec/shapeworld.md; the
+The nine categories (`EDIT_CATEGORIES`) and their canonical instructions are ShapeWorld v1's; the
 referent (`the {color} {shape}`) is always unique in the source scene.
 """
 

@@ -1,4 +1,4 @@
-"""ShapeWorld v1: the vocabulary and the scene description (see shared/spec/shapeworld.md).
+"""ShapeWorld v1: the vocabulary and the scene description (choices beyond it: docs/design.md, "ShapeWorld").
 
 Every length in the contract is given at the reference canvas S = 64 and scales with S.
 Scenes store geometry in pixels of their own canvas, so a scene is self-contained.
