@@ -5,7 +5,7 @@
 For each degradation of the data engine (clean, blur, noise, JPEG, color drift, combined, specks) it renders the same
 `--n` random scenes, encodes them, decodes the blueprints and scores per field, as the verifier's own benchmark does:
 background, object count and word per image; shape, color, center (within 1.5 px) and size (within 1 px) per object,
-and `object`: all four of an object's fields right. Targets (semantic-blueprint issue): every object field >= 0.995
+and `object`: all four of an object's fields right. Targets (the project's): every object field >= 0.995
 clean and >= 0.98 under each degradation; words exact >= 0.99 clean.
 """
 
