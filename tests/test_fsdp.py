@@ -117,7 +117,7 @@ NEXT3B = ROOT / "configs" / "next-3b"
 
 
 def test_next3b_configs_hold_the_official_recipe():
-    """system.md item 11 (pretrain, SFT) and item 10 (RL); the files load into their dataclasses."""
+    """The official recipe (docs/design.md#official-recipe, #official-grpo); the files load into their dataclasses."""
     pretrain, sft = TrainConfig.from_yaml(NEXT3B / "pretrain.yaml"), TrainConfig.from_yaml(NEXT3B / "sft.yaml")
     assert (pretrain.lr, pretrain.steps, pretrain.batch_size, pretrain.fsdp) == (1e-4, 336_000, 512, True)
     assert (sft.lr, sft.steps, sft.batch_size, sft.fsdp) == (5e-5, 7_000, 128, True)

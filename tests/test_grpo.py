@@ -18,7 +18,9 @@ from blip3o_next.training.grpo_config import GRPOConfig
 from blip3o_next.training.grpo_tasks import Rollouts, TextToImage, TrainingEdits, TrainingPrompts
 from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
-from blip3o_next.training.rewards import EditReward, VerifierReward
+from blip3o_next.training.rewards import (
+    DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, Completions, RewardFunction, Rewards, check_reward_weights, default_reward_funcs, weighted_rewards
+)
 from blip3o_next.models.semantic_blueprint import encode_scene
 from blip3o_next.shapeworld.edits import edit_suite, sample_edit
 from blip3o_next.shapeworld.prompts import canonical_suite, parse_prompt
@@ -29,12 +31,17 @@ from blip3o_next.models.text_tokenizer import ImageVocab
 # ----------------------------------------------------------------------------- rewards
 
 
+def _rewards(task: str, weights: dict, items: list, images=None, blueprints=None) -> Rewards:
+    """The built-in rewards of `task` a run with `weights` computes, on one batch, as the trainer mixes them."""
+    merged = check_reward_weights(weights, DEFAULT_EDIT_REWARD_WEIGHTS if task == "edit" else DEFAULT_REWARD_WEIGHTS)
+    return weighted_rewards(default_reward_funcs(task, merged), merged, Completions(items, images, blueprints))
+
+
 def _scene_image(prompt: str, seed: int = 0) -> np.ndarray:
     return render(sample_scene_for(parse_prompt(prompt), np.random.default_rng(seed)))
 
 
 def test_reward_on_hand_made_images():
-    reward = VerifierReward()
     prompts = ["a photo of two red circles", "a photo of two red circles", "a photo of a blue star left of a green square", 'a photo of the word "CAT"']
     images = [
         _scene_image(prompts[0]),  # exactly right
@@ -42,7 +49,7 @@ def test_reward_on_hand_made_images():
         _scene_image("a photo of a green square left of a blue star"),  # both objects, wrong relation
         _scene_image('a photo of the word "CAT"'),
     ]
-    r = reward([parse_prompt(p) for p in prompts], images)
+    r = _rewards("t2i", {}, [parse_prompt(p) for p in prompts], images)
     assert r.parts["strict"].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert r.parts["partial"][0] == 1.0 and 0 < r.parts["partial"][1] < 1 and 0 < r.parts["partial"][2] < 1
     assert np.isnan(r.parts["ocr"][:3]).all() and r.parts["ocr"][3] == 1.0  # OCR applies to word prompts only
@@ -50,22 +57,20 @@ def test_reward_on_hand_made_images():
 
 
 def test_ocr_reward_gives_partial_credit_for_a_near_miss():
-    reward = VerifierReward({"strict": 0.0, "partial": 0.0})
-    r = reward([parse_prompt('a photo of the word "CAT"')] * 2, [_scene_image('a photo of the word "CAR"'), _scene_image('a photo of a red circle')])
+    r = _rewards("t2i", {"strict": 0.0, "partial": 0.0}, [parse_prompt('a photo of the word "CAT"')] * 2, [_scene_image('a photo of the word "CAR"'), _scene_image('a photo of a red circle')])
     assert r.parts["strict"].tolist() == [0.0, 0.0]
     assert r.parts["ocr"][0] == pytest.approx(2 / 3) and r.parts["ocr"][1] == 0.0
     assert r.total.tolist() == pytest.approx([2 / 3, 0.0])
 
 
 def test_precision_reward_charges_each_extra_object_and_an_empty_canvas():
-    reward = VerifierReward({"strict": 0.0, "partial": 0.0, "ocr": 0.0, "precision": 1.0})
     asked = parse_prompt("a photo of two red circles")
     images = [_scene_image(f"a photo of {n} red circles") for n in ("two", "three", "four")]
     empty = np.full_like(images[0], 255)  # a blank white canvas: nothing drawn
-    r = reward([asked] * 4, images + [empty])
+    r = _rewards("t2i", {"strict": 0.0, "partial": 0.0, "ocr": 0.0, "precision": 1.0}, [asked] * 4, images + [empty])
     assert r.parts["precision"].tolist() == pytest.approx([1.0, 2 / 3, 2 / 4, 0.0])
     assert r.total.tolist() == pytest.approx([1.0, 2 / 3, 2 / 4, 0.0])
-    assert VerifierReward().weights["precision"] == 0.0  # off unless a config asks for it
+    assert DEFAULT_REWARD_WEIGHTS["precision"] == 0.0  # off unless a config asks for it
 
 
 def test_plan_rewards_on_hand_made_blueprints():
@@ -74,22 +79,22 @@ def test_plan_rewards_on_hand_made_blueprints():
     prompt = parse_prompt("a photo of a red circle and a blue star")
     scene = sample_scene_for(prompt, np.random.default_rng(0))
     wrong = dataclasses.replace(scene, objects=[dataclasses.replace(o, color="green" if o.shape == "star" else o.color) for o in scene.objects])
-    reward = VerifierReward({"strict": 0.0, "partial": 0.0, "ocr": 0.0, "plan": 1.0, "plan_partial": 1.0})
-    r = reward([prompt] * 2, None, np.array([encode_scene(scene), encode_scene(wrong)]))
+    plans_only = {"strict": 0.0, "partial": 0.0, "ocr": 0.0, "plan": 1.0, "plan_partial": 1.0}
+    r = _rewards("t2i", plans_only, [prompt] * 2, None, np.array([encode_scene(scene), encode_scene(wrong)]))
     assert set(r.parts) == {"plan", "plan_partial"}
     assert r.parts["plan"].tolist() == [1.0, 0.0] and r.parts["plan_partial"][0] == 1.0 and 0 < r.parts["plan_partial"][1] < 1
     assert r.total.tolist() == pytest.approx([2.0, r.parts["plan_partial"][1]])
-    with pytest.raises(ValueError, match="2 requirements for 0 images"):
-        VerifierReward()([prompt] * 2, None)  # image rewards weighed, no images given
+    with pytest.raises(ValueError, match="reads images, but this batch of 2 completions has none"):
+        _rewards("t2i", {}, [prompt] * 2, None)  # image rewards weighed, no images given
 
 
 def test_bad_reward_weights_are_rejected():
     with pytest.raises(ValueError, match="unknown reward"):
-        VerifierReward({"clip": 1.0})
+        GRPOConfig(reward_weights={"clip": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
-        VerifierReward({"strict": -1.0})
+        GRPOConfig(reward_weights={"strict": -1.0})
     with pytest.raises(ValueError, match="unknown reward"):
-        EditReward({"strict": 1.0})  # the edit rewards are success, partial and consistency
+        GRPOConfig(task="edit", reward_weights={"strict": 1.0})  # the edit rewards are success, partial and consistency
 
 
 def test_edit_reward_on_hand_made_outputs():
@@ -98,7 +103,7 @@ def test_edit_reward_on_hand_made_outputs():
     pair = sample_edit("recolor", np.random.default_rng(3))
     n = len(pair.source.objects)
     blank = np.full_like(render(pair.source), 128)
-    r = EditReward()([pair] * 3, [render(pair.target), render(pair.source), blank])
+    r = _rewards("edit", {}, [pair] * 3, [render(pair.target), render(pair.source), blank])
     assert r.parts["success"].tolist() == [1.0, 0.0, 0.0]
     assert r.parts["partial"][:2].tolist() == pytest.approx([1.0, (n + 1) / (n + 3)]) and r.parts["partial"][2] < 0.5
     assert r.parts["consistency"][:2].tolist() == [1.0, 1.0] and r.parts["consistency"][2] == 0.0
@@ -110,13 +115,13 @@ def test_edit_plan_rewards_on_hand_made_blueprints():
     edit; a plan-only reward reads no image."""
     pair = sample_edit("move", np.random.default_rng(5))
     blueprints = np.array([encode_scene(pair.target), encode_scene(pair.source)])
-    plans_only = EditReward({"success": 0.0, "partial": 0.0, "consistency": 0.0, "plan": 1.0, "plan_partial": 1.0})
-    r = plans_only([pair] * 2, None, blueprints)
+    plans_only = {"success": 0.0, "partial": 0.0, "consistency": 0.0, "plan": 1.0, "plan_partial": 1.0}
+    r = _rewards("edit", plans_only, [pair] * 2, None, blueprints)
     assert set(r.parts) == {"plan", "plan_partial"} and r.parts["plan"].tolist() == [1.0, 0.0]
     assert r.parts["plan_partial"][0] == 1.0 > r.parts["plan_partial"][1]
     assert r.total.tolist() == pytest.approx([2.0, r.parts["plan_partial"][1]])
-    with pytest.raises(ValueError, match="2 edit pairs for 1 blueprints"):
-        plans_only([pair] * 2, None, blueprints[:1])
+    with pytest.raises(ValueError, match="2 completions but 1 blueprints"):
+        _rewards("edit", plans_only, [pair] * 2, None, blueprints[:1])
 
 
 # ----------------------------------------------------------------------------- objective
@@ -344,3 +349,18 @@ def test_one_edit_grpo_step_on_the_bundled_model_changes_only_its_ar_side(tmp_pa
     table = (out / "before_after.md").read_text()
     assert "| keep (partial) | 1 |" in table and "**overall success**" in table
     assert (out / "before_after.png").is_file() and json.loads((out / "eval_after.json").read_text())["n"] == 9
+
+
+def test_reward_functions_are_mixed_by_name_and_checked():
+    """weighted_rewards: each function's values under its name, the total weighted by name (1 for a name the
+    weights do not hold); duplicate names and a wrong number of values are errors naming the function."""
+    batch = Completions([parse_prompt("a photo of a red circle")] * 3)
+    ones = RewardFunction("ones", lambda c: [1.0] * len(c))
+    ramp = RewardFunction("ramp", lambda c: [0.0, 0.5, np.nan])
+    r = weighted_rewards([ones, ramp], {"ramp": 2.0}, batch)
+    assert r.parts["ramp"][:2].tolist() == [0.0, 0.5] and r.total.tolist() == pytest.approx([1.0, 2.0, 1.0])  # NaN counts 0
+    assert r.means() == pytest.approx({"ones": 1.0, "ramp": 0.25})
+    with pytest.raises(ValueError, match="unique"):
+        weighted_rewards([ones, ones], {}, batch)
+    with pytest.raises(ValueError, match="reward short gave values of shape"):
+        weighted_rewards([RewardFunction("short", lambda c: [1.0])], {}, batch)

@@ -18,6 +18,7 @@ from blip3o_next.fileio import InputError
 from blip3o_next.training.grpo import Policy, policy_update, train_grpo
 from blip3o_next.training.grpo_config import GRPOConfig
 from blip3o_next.training.grpo_tasks import Rollouts
+from blip3o_next.training.rewards import RewardFunction
 from blip3o_next.models.image_tokenizer import images_to_tensor
 from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import Pipeline
@@ -217,6 +218,26 @@ def test_grpo_on_plan_rewards_trains_the_ar_side_and_renders_nothing(semantic_mo
         (row,) = csv.DictReader(f)
     assert {"reward_plan", "reward_plan_partial"} <= set(row) and "reward_strict" not in row
     assert float(row["kl"]) == 0.0 and float(row["hidden_drift"]) == 0.0
+
+
+def test_grpo_takes_reward_functions_as_named_callables(semantic_model, tmp_path, monkeypatch):
+    """TRL's convention: `train_grpo(cfg, reward_funcs=[...])` scores rollouts with the given functions alone, logs
+    each as reward_<name>, and renders nothing when none of them reads images."""
+    semantic_model.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(Pipeline, "_render", lambda *a, **k: pytest.fail("rollouts scored on blueprints alone must not render"))
+    seen = []
+
+    def black_background(completions):
+        seen.append(len(completions))
+        return (completions.blueprints[:, 0] == DEFAULT_VOCAB.background_token("black")).astype(float)
+
+    cfg = GRPOConfig(init_from=str(tmp_path / "m"), output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, num_generations=3,
+                     lr=1e-2, eval_per_category=0)
+    out = train_grpo(cfg, reward_funcs=[RewardFunction("black_background", black_background, reads="blueprints")])
+    with open(out / "metrics.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert seen == [6] and "reward_black_background" in row and not {"reward_strict", "reward_plan"} & set(row)
+    assert float(row["reward"]) == pytest.approx(float(row["reward_black_background"]))  # a name cfg does not weigh weighs 1
 
 
 def test_grpo_refuses_what_a_semantic_model_cannot_give(semantic_model, tmp_path):

@@ -1,4 +1,4 @@
-"""The verifier reads renders essentially perfectly and keeps reading degraded ones (issue targets)."""
+"""The verifier reads renders essentially perfectly and keeps reading degraded ones (the targets of docs/benchmarks.md)."""
 
 import numpy as np
 import pytest

@@ -270,6 +270,19 @@ def cmd_eval_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_suite(args: argparse.Namespace, own_settings: tuple[str, ...], summary: dict, plan: dict | None, plan_meaning: str, table) -> None:
+    """Record the run's settings (and the plan score, for a semantic model) in `summary` and print its tables."""
+    names = ("model", *own_settings, "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "top_k", "top_p",
+             "dtype", "compile")
+    summary["settings"] = {k: getattr(args, k) for k in names}
+    if plan is not None:
+        summary["plan"] = plan
+        print(f"plan score ({plan_meaning}; no diffusion):")
+        print(table(plan))
+        print("images:")
+    print(table(summary))
+
+
 def cmd_eval_geneval(args: argparse.Namespace) -> int:
     from .eval.suites import evaluate_t2i, format_t2i_table, generate_t2i_items, geneval_suite, plan_summary, t2i_grid
 
@@ -279,15 +292,8 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     items = generate_t2i_items(pipe, prompts, counts, seed=args.seed, batch_size=args.batch_size, blueprint_only=args.decode == "blueprint",
                                **_generation_kwargs(args))
     rows, summary = evaluate_t2i(items)
-    names = ("model", "decode", "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "top_k", "top_p",
-             "dtype", "compile")
-    summary["settings"] = {k: getattr(args, k) for k in names}
-    if pipe.model.semantic:
-        summary["plan"] = plan_summary(items)
-        print("plan score (the blueprints decoded to scenes and checked against their prompts; no diffusion):")
-        print(format_t2i_table(summary["plan"]))
-        print("images:")
-    print(format_t2i_table(summary))
+    plan = plan_summary(items) if pipe.model.semantic else None
+    _report_suite(args, ("decode",), summary, plan, "the blueprints decoded to scenes and checked against their prompts", format_t2i_table)
     _write_reports(args, summary, rows, t2i_grid(items, rows))
     return 0
 
@@ -302,15 +308,9 @@ def cmd_eval_imgedit(args: argparse.Namespace) -> int:
     items = generate_edit_items(pipe, edit_suite(args.per_category, seed=args.suite_seed), seed=args.seed, batch_size=args.batch_size,
                                 preserve_unchanged=args.preserve, **_generation_kwargs(args))
     rows, summary = evaluate_edits(items)
-    names = ("model", "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "top_k", "top_p", "preserve",
-             "dtype", "compile")
-    summary["settings"] = {k: getattr(args, k) for k in names}
-    if pipe.model.semantic:
-        summary["plan"] = edit_plan_summary(items)
-        print("plan score (the edits' blueprints decoded to scenes and checked against source and instruction; no diffusion):")
-        print(format_edit_table(summary["plan"]))
-        print("images:")
-    print(format_edit_table(summary))
+    plan = edit_plan_summary(items) if pipe.model.semantic else None
+    _report_suite(args, ("preserve",), summary, plan, "the edits' blueprints decoded to scenes and checked against source and instruction",
+                  format_edit_table)
     _write_reports(args, summary, rows, edit_grid(items, rows))
     return 0
 

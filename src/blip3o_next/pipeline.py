@@ -9,6 +9,9 @@ Steps: (1) check inputs, (2) tokenize prompts (left-padded, truncated with a war
 instruction followed by the reference image's tokens, (3) sample the blueprint and its hidden states in one
 cached AR pass, (4) connector (an edit adds the reference's VAE latents), (5) CFG flow-matching sampling,
 (6) decode latents and the blueprint preview.
+
+Slightly over 400 lines on purpose: one class owns both jobs, generate and edit, because they share every step
+above but the reference image; split apart, they would repeat the same options, checks and rendering.
 """
 
 from __future__ import annotations

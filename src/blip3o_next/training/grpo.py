@@ -1,17 +1,18 @@
-"""GRPO on the AR model with verifiable rewards (system.md item 10): the AR model writes blueprints, the frozen
-diffusion model renders them, the verifier scores the images, and only the AR parameters are updated.
+"""GRPO on the AR model with verifiable rewards, as the paper's RL stage: the AR model writes blueprints, the frozen
+diffusion model renders them, reward functions score them, and only the AR parameters are updated.
 
 One step:
     1. draw `prompts_per_step` training prompts from the data engine (never a prompt of the held-out evaluation
        suite) and sample `num_generations` blueprints for each with the current policy;
-    2. render them with the frozen connector, diffusion transformer and VAE, and score them (rewards.py);
-    3. advantages: each reward minus its group's mean, over the group's standard deviation;
+    2. render them with the frozen connector, diffusion transformer and VAE, and score them with the reward
+       functions (`reward_funcs`, TRL's convention: named callables, mixed by `reward_weights`; rewards.py);
+    3. advantages: each total reward minus its group's mean, over the group's standard deviation;
     4. loss per image token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL(policy || reference),
        with the ratio to the policy that sampled the rollouts and the k3 KL estimator
        exp(ref - logp) - (ref - logp) - 1 (zero when policy equals reference); mean over tokens, then images.
 
 A semantic-blueprint model can also be scored on its plans (rewards.py: `plan`, `plan_partial`): each blueprint
-decoded to its scene and checked against the prompt. With only plan rewards weighed, step 2 renders nothing. Its
+decoded to its scene and checked against the prompt. When no reward function reads images, step 2 renders nothing. Its
 policy is the AR model and its image embedding (the input and output layer over image tokens), and the log-probs
 are the embedding's exact hierarchy. `reader: true` freezes a copy of the starting AR side that re-reads each
 blueprint for the renderer (`Blip3oNext.add_reader`), so the policy's updates never move the renderer's input;
@@ -20,8 +21,8 @@ blueprint for the renderer (`Blip3oNext.add_reader`), so the policy's updates ne
 `task: edit` runs the same loop on an edit model's edit AR model (a model with one AR model: that one): edit pairs
 from the data engine (never one of the held-out ImgEdit suite), the frozen diffusion model renders each edit
 blueprint with the reference image's latents, and the edit rewards score the outputs against the pair's source and
-target (rewards.EditReward). A semantic edit model can be scored on its edit plans instead, again with no diffusion.
-The two tasks (their training items, rendering, reward and evaluation) are `grpo_tasks.py`'s; the settings are
+target (rewards.EDIT_REWARDS). A semantic edit model can be scored on its edit plans instead, again with no
+diffusion. The two tasks (their training items, rendering and evaluation) are `grpo_tasks.py`'s; the settings are
 `grpo_config.py`'s.
 
 Why not TRL's GRPOTrainer: it samples completions with `generate` over the whole vocabulary and hands the reward
@@ -40,6 +41,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +55,7 @@ from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, 
 from .grpo_config import GRPOConfig
 from .grpo_tasks import GRPOTask, Rollouts, make_task
 from .metrics import MetricsLog
-from .rewards import uses_images, uses_plans
+from .rewards import Completions, RewardFunction, as_reward_function, default_reward_funcs, weighted_rewards
 from .stages import PretrainedModuleStage
 
 logger = logging.getLogger(__name__)
@@ -114,12 +116,12 @@ def grpo_loss(
     return loss, {"kl": kl.mean().item(), "clip_fraction": clipped.item()}
 
 
-def sample_rollouts(pipe, task: GRPOTask, items: list, cfg: GRPOConfig, generator: torch.Generator) -> Rollouts:
+def sample_rollouts(pipe, task: GRPOTask, items: list, cfg: GRPOConfig, generator: torch.Generator, render: bool = True) -> Rollouts:
     """`num_generations` blueprints per prompt (or edit pair) from the current policy, rendered by the frozen
-    diffusion model unless only plan rewards are weighed."""
+    diffusion model when `render` (some reward function reads images)."""
     repeated = [item for item in items for _ in range(cfg.num_generations)]
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=0, top_p=1.0)
-    if not uses_images(cfg.reward_weights, task.image_reward_names):
+    if not render:
         ids, mask, codes = task.plans(pipe, repeated, sampling, generator)
         return Rollouts(repeated, ids, mask, codes.to(ids.device), None)
     noise = None
@@ -138,9 +140,13 @@ class PolicyStage(PretrainedModuleStage):
         self.module = model
 
 
-def train_grpo(cfg: GRPOConfig) -> Path:
+def train_grpo(cfg: GRPOConfig, reward_funcs: Sequence[RewardFunction | Callable[[Completions], Sequence[float]]] | None = None) -> Path:
     """Run (or resume) GRPO between evaluations on the held-out suite before and after it (`evaluate_before`,
-    `evaluate_after`); returns the output folder, whose final/ holds the tuned model."""
+    `evaluate_after`); returns the output folder, whose final/ holds the tuned model.
+
+    `reward_funcs` (TRL's convention): the reward functions, each logged as `reward_<name>` and weighed by
+    `cfg.reward_weights[name]` (1 for a name it does not hold); a plain callable is named after its `__name__` and
+    read as reading images. Default: the task's built-in rewards (`rewards.default_reward_funcs`)."""
     from ..models.modeling import Blip3oNext
     from ..pipeline import Pipeline, resolve_model_path
 
@@ -150,7 +156,8 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = Blip3oNext.from_pretrained(resolve_model_path(cfg.init_from), torch_dtype=torch.float32)
     task = make_task(cfg)
-    check_model_fits(model, task, cfg)
+    funcs = [as_reward_function(f) for f in reward_funcs] if reward_funcs is not None else default_reward_funcs(cfg.task, cfg.reward_weights)
+    check_model_fits(model, task, cfg, funcs)
     if cfg.reader:
         model.add_reader()
     model.requires_grad_(False).eval()  # eval: no dropout, so the sampler and the loss see the same policy
@@ -173,7 +180,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc="grpo")
     while step < cfg.steps:
         t0 = time.perf_counter()
-        values = grpo_step(pipe, policy, reference, task, task.training.draw(step, cfg.prompts_per_step), optimizer, params, cfg, step)
+        values = grpo_step(pipe, policy, reference, task, funcs, task.training.draw(step, cfg.prompts_per_step), optimizer, params, cfg, step)
         scheduler.step()
         step += 1
         values["seconds"] = time.perf_counter() - t0
@@ -185,7 +192,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             save_checkpoint(out, step, stage, model, optimizer, scheduler, step)
             prune_checkpoints(out, cfg.keep_checkpoints)
             write_json(out / "timings.json", timings)
-            metrics.plot("reward_curves.png", [f"reward_{n}" for n in task.reward_names if f"reward_{n}" in values] + ["reward"], log_scale=False, title="GRPO rewards (batch means)")
+            metrics.plot("reward_curves.png", [f"reward_{f.name}" for f in funcs] + ["reward"], log_scale=False, title="GRPO rewards (batch means)")
             metrics.plot("kl_curve.png", ["kl"], log_scale=False, title="KL(policy || reference) per token")
             metrics.plot("drift_curve.png", ["hidden_drift"], log_scale=False, title="||h - h_ref|| / ||h_ref|| over the sampled blueprints")
     bar.close()
@@ -221,24 +228,29 @@ def evaluate_after(task: GRPOTask, cfg: GRPOConfig, out: Path, step: int, timing
         (out / "before_after.md").write_text(task.table(before, after) + "\n")
 
 
-def check_model_fits(model, task: GRPOTask, cfg: GRPOConfig) -> None:
+def check_model_fits(model, task: GRPOTask, cfg: GRPOConfig, reward_funcs: Sequence[RewardFunction]) -> None:
     """InputError naming what a run asks of its model that the model cannot give."""
+    if not reward_funcs:
+        raise InputError("GRPO needs at least one reward function")
     if task.edits and not model.config.editing:
         raise InputError(f"task edit needs a model trained to edit (edit SFT); {cfg.init_from} is not")
     if model.semantic and cfg.temperature != 1.0:
         raise InputError(f"{cfg.init_from} writes semantic blueprints, whose exact log-probs are at temperature 1; got temperature {cfg.temperature}")
     if cfg.reader and model.edit_ar is not None:
         raise InputError(f"{cfg.init_from} has a separate edit AR model; a reader re-reads what `ar` writes, so set reader: false")
-    if not model.semantic and uses_plans(cfg.reward_weights):
-        raise InputError(f"plan rewards read semantic blueprints; {cfg.init_from} writes VQ codes (set plan and plan_partial to 0)")
+    plans = [f.name for f in reward_funcs if f.reads == "blueprints"]
+    if not model.semantic and plans:
+        raise InputError(f"{', '.join(plans)} read semantic blueprints; {cfg.init_from} writes VQ codes (set their weights to 0)")
 
 
-def grpo_step(pipe, policy, reference, task: GRPOTask, items: list, optimizer, params, cfg: GRPOConfig, step: int) -> dict[str, float]:
+def grpo_step(
+    pipe, policy, reference, task: GRPOTask, reward_funcs: Sequence[RewardFunction], items: list, optimizer, params, cfg: GRPOConfig, step: int
+) -> dict[str, float]:
     """Sample and score a group per prompt (or edit pair), then update the policy on them."""
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 3, step]).generate_state(1)[0]))
     with torch.no_grad():
-        rollouts = sample_rollouts(pipe, task, items, cfg, generator)
-    rewards = task.score(rollouts)
+        rollouts = sample_rollouts(pipe, task, items, cfg, generator, render=any(f.reads == "images" for f in reward_funcs))
+    rewards = weighted_rewards(reward_funcs, cfg.reward_weights, task.completions(rollouts))
     stats = policy_update(policy, reference, pipe.model.image_vocab, rollouts, rewards.total, optimizer, params, cfg)
     categories = np.array([item.category for item in rollouts.items])
     return {

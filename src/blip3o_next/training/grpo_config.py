@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..shapeworld.edits import EDIT_CATEGORIES
 from ..shapeworld.prompts import CATEGORIES, COMPOSITION
 from .config import RunConfig, redefault
-from .rewards import DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, EDIT_REWARD_NAMES, REWARD_NAMES, check_reward_weights
+from .rewards import DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, check_reward_weights
 
 
 PROMPT_SOURCES = (*CATEGORIES, COMPOSITION)
@@ -46,7 +46,9 @@ class GRPOConfig(RunConfig):
     num_inference_steps: int | None = field(default=None, metadata={"help": "diffusion steps of the rollouts (default: the model's)"})
     guidance_scale: float | None = field(default=None, metadata={"help": "CFG scale of the rollouts (default: the model's)"})
     reward_weights: dict[str, float] | None = field(
-        default=None, metadata={"help": f"weights of {', '.join(REWARD_NAMES)} (t2i) or {', '.join(EDIT_REWARD_NAMES)} (edit); unset ones keep their defaults"}
+        default=None,
+        metadata={"help": f"weights of the built-in rewards {', '.join(DEFAULT_REWARD_WEIGHTS)} (t2i) or {', '.join(DEFAULT_EDIT_REWARD_WEIGHTS)} (edit); "
+                          "unset ones keep their defaults (rewards.py)"},
     )
     category_weights: dict[str, float] | None = field(
         default=None,

@@ -1,6 +1,7 @@
 """GRPO's two tasks. Each names where its training items come from (data-engine prompts or edit pairs, never one of
-the held-out evaluation suite), how its rollouts are rendered or planned, its reward (rewards.py), and its evaluation
-before and after RL (GenEval or ImgEdit on the held-out suite, a markdown table, a grid of the same items)."""
+the held-out evaluation suite), how its rollouts are rendered or planned, what reward functions read of them
+(`completions`; the functions themselves are rewards.py's, passed to the trainer), and its evaluation before and after
+RL (GenEval or ImgEdit on the held-out suite, a markdown table, a grid of the same items)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..eval.verifier import SceneParser
 from ..models.autoregressive import SamplingConfig
 from ..shapeworld.edits import EDIT_CATEGORIES, EditPair, edit_suite, sample_edit
 from ..shapeworld.prompts import COMPOSITION, Prompt, canonical_prompt, canonical_suite, composition_prompt
 from ..shapeworld.render import render as render_scene
 from .grpo_config import PROMPT_SOURCES, GRPOConfig
-from .rewards import EDIT_IMAGE_REWARD_NAMES, EDIT_REWARD_NAMES, IMAGE_REWARD_NAMES, REWARD_NAMES, EditReward, Rewards, VerifierReward, uses_plans
+from .rewards import Completions
 
 PROBE_DRAWS = 2000  # canonical prompts drawn per category to find the categories with training prompts left
 
@@ -115,15 +117,13 @@ def _before_after_grid(cells: list, rows_before: list[dict], rows_after: list[di
 
 
 class TextToImage:
-    """GRPO on text to image: data-engine prompts, the AR model, GenEval-style rewards and evaluation."""
+    """GRPO on text to image: data-engine prompts, the AR model, GenEval-style evaluation."""
 
     edits = False
-    reward_names = REWARD_NAMES
-    image_reward_names = IMAGE_REWARD_NAMES
 
     def __init__(self, cfg: GRPOConfig):
         self.training = TrainingPrompts(cfg)
-        self.reward = VerifierReward(cfg.reward_weights)
+        self.parser = SceneParser()
 
     @staticmethod
     def render(pipe, prompts: list[Prompt], **options: Any):
@@ -136,9 +136,9 @@ class TextToImage:
         ids, mask = pipe.tokenize([p.text for p in prompts])
         return ids, mask, pipe.written_blueprint(ids, mask, sampling, generator).codes
 
-    def score(self, rollouts: Rollouts) -> Rewards:
-        blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None
-        return self.reward([p.requirement for p in rollouts.items], rollouts.images, blueprints)
+    def completions(self, rollouts: Rollouts) -> Completions:
+        """What the reward functions score: each prompt's requirement, its image (if rendered) and its blueprint."""
+        return Completions([p.requirement for p in rollouts.items], rollouts.images, rollouts.codes.cpu().numpy(), self.parser)
 
     @staticmethod
     def evaluate(pipe, cfg: GRPOConfig) -> dict:
@@ -180,15 +180,13 @@ class TextToImage:
 
 
 class Editing:
-    """GRPO on editing: data-engine edit pairs, an edit model's edit AR model, edit rewards, ImgEdit evaluation."""
+    """GRPO on editing: data-engine edit pairs, an edit model's edit AR model, ImgEdit evaluation."""
 
     edits = True
-    reward_names = EDIT_REWARD_NAMES
-    image_reward_names = EDIT_IMAGE_REWARD_NAMES
 
     def __init__(self, cfg: GRPOConfig):
         self.training = TrainingEdits(cfg)
-        self.reward = EditReward(cfg.reward_weights)
+        self.parser = SceneParser()
 
     @staticmethod
     def render(pipe, pairs: list[EditPair], **options: Any):
@@ -204,9 +202,9 @@ class Editing:
         ids, mask = inputs.input_ids, inputs.attention_mask
         return ids, mask, pipe.written_blueprint(ids, mask, sampling, generator, edits=True).codes
 
-    def score(self, rollouts: Rollouts) -> Rewards:
-        blueprints = rollouts.codes.cpu().numpy() if uses_plans(self.reward.weights) else None
-        return self.reward(rollouts.items, rollouts.images, blueprints)
+    def completions(self, rollouts: Rollouts) -> Completions:
+        """What the reward functions score: each edit pair, its output (if rendered) and its edit blueprint."""
+        return Completions(rollouts.items, rollouts.images, rollouts.codes.cpu().numpy(), self.parser)
 
     @staticmethod
     def _items(pipe, cfg: GRPOConfig, per_category: int):
