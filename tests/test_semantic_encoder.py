@@ -80,3 +80,52 @@ def test_the_training_stage_trains_and_exports_a_loadable_encoder(tmp_path):
     model = SemanticEncoder.from_pretrained(final, use_safetensors=True)
     assert model.config.width == SMALL["width"]
     assert (tmp_path / "run" / "samples-0000002.png").is_file() and (tmp_path / "run" / "metrics.csv").is_file()
+
+
+def _kind_logits(shape: dict[int, float], text: dict[int, float], cells: int = 64) -> torch.Tensor:
+    """(1, cells, 3) logits whose softmax gives each listed cell those shape / text probabilities (rest EMPTY)."""
+    p = torch.zeros(1, cells, 3)
+    p[..., 0] = 1.0
+    for cell, value in shape.items():
+        p[0, cell] = torch.tensor([1 - value, value, 0.0])
+    for cell, value in text.items():
+        p[0, cell] = torch.tensor([1 - value - p[0, cell, 1].item(), p[0, cell, 1].item(), value])
+    return p.clamp(min=1e-6).log()
+
+
+def test_cell_kinds_read_the_scene_not_each_cell_alone():
+    """One word, anchored where it is most likely even when no cell says so alone; a shape whose probability two cells
+    share (a centre on a cell edge) kept at its peak; the same object read in two neighbouring cells kept once; two
+    different objects in neighbouring cells both kept."""
+    model = SemanticEncoder(**SMALL)
+    identity = {"shape": torch.zeros(1, 64, 6), "color": torch.zeros(1, 64, 8)}
+    identity["shape"][0, :, 0] = 1.0  # every cell reads shape 0 ...
+    identity["color"][0, :, 0] = 1.0
+    identity["color"][0, 30, 0], identity["color"][0, 30, 3] = 0.0, 1.0  # ... color 0, but cell 30 reads color 3
+    kind = _kind_logits(shape={9: 0.3, 10: 0.2, 20: 0.9, 21: 0.8, 30: 0.9, 44: 0.3, 45: 0.1}, text={50: 0.3, 51: 0.35, 52: 0.1})
+    kinds = model.cell_kinds({"kind": kind, **identity})[0]
+    shapes = set(torch.nonzero(kinds == 1).flatten().tolist())
+    assert torch.nonzero(kinds == 2).flatten().tolist() == [51]  # text mass 0.75 over three cells: one word, at its peak
+    assert 9 in shapes and 10 not in shapes and 44 in shapes and 45 not in shapes  # edge objects at their peaks
+    assert 20 in shapes and 21 not in shapes  # one object read twice: the more probable reading stays
+    assert 30 in shapes  # a different object (another color) beside cell 21's and 20's neighbourhood stays
+    assert model.cell_kinds({"kind": _kind_logits({}, {50: 0.2, 51: 0.2}), **identity})[0].max() == 0  # 0.4 of a word: none
+
+
+def test_a_letter_reader_starts_as_the_encoder_it_is_added_to(scenes_and_ids, tmp_path):
+    """Fine-tuning adds a letter reader to a trained encoder: the reader starts at the identity (same logits) and the
+    stage refuses a config change that is not one."""
+    from blip3o_next.training.stages import SemanticTokenizerStage
+
+    scenes, _ = scenes_and_ids
+    SemanticEncoder(**SMALL).eval().save_pretrained(tmp_path / "enc")
+    start = SemanticEncoder.from_pretrained(tmp_path / "enc", use_safetensors=True).eval()
+    grown = SemanticTokenizerStage.fine_tuned(str(tmp_path / "enc"), {"letter_reader_layers": 2, "letter_reader_side": 16}).eval()
+    assert len(grown.letter_reader) == 2
+    x = images_to_tensor(np.stack([render(s) for s in scenes]))
+    before, after = start(x).logits, grown(x).logits
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    with pytest.raises(ValueError, match="may only add a letter reader; parts.semantic_tokenizer changes width"):
+        SemanticTokenizerStage.fine_tuned(str(tmp_path / "enc"), {"width": 48})
+    with pytest.raises(ValueError, match="letter_reader_side must be one of"):
+        SemanticEncoder(**SMALL, letter_reader_layers=1, letter_reader_side=12)

@@ -13,6 +13,7 @@ letter) rather than one of the ~49k ids, so every head is small and each factor 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind, previ
 
 CELL_KINDS = (TokenKind.EMPTY, TokenKind.SHAPE, TokenKind.TEXT)  # what a cell may hold, in the kind head's order
 CELL_FACTORS = ("shape", "color", "size", "dx", "dy", "ink", "cap")
+EDGE_THRESHOLD = 0.15  # shape probability that makes a cell a shape when it is its neighbourhood's peak (cell_kinds)
 
 
 @dataclass
@@ -34,6 +36,36 @@ class SemanticEncoderOutput:
     loss: torch.Tensor | None
     logits: dict[str, torch.Tensor]  # per head: (B, positions, classes)
     losses: dict[str, float]  # the parts of the loss, for logging
+
+
+def _neighbourhood(values: torch.Tensor, outside: float) -> torch.Tensor:
+    """(B, cells) values on a square grid -> (B, cells, 9): each cell's 3 x 3 neighbourhood (itself included),
+    `outside` beyond the grid's edge."""
+    b, cells = values.shape
+    side = math.isqrt(cells)
+    padded = F.pad(values.view(b, 1, side, side), (1, 1, 1, 1), value=outside)
+    return F.unfold(padded, 3).transpose(1, 2)
+
+
+class LetterReader(nn.Module):
+    """Letter slots (B, slots, width) cross-attend to a finer feature map (B, side*side, C) with learned positions,
+    then an MLP; both residual and zero-initialised, so an encoder without it loads into one with it unchanged."""
+
+    def __init__(self, channels: int, width: int, heads: int, positions: int):
+        super().__init__()
+        self.project = nn.Linear(channels, width)
+        self.position = nn.Parameter(torch.randn(1, positions, width) * 0.02)
+        self.norm_query, self.norm_map, self.norm_mlp = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        for layer in (self.attention.out_proj, self.mlp[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, letters: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        keys = self.norm_map(self.project(fine) + self.position)
+        letters = letters + self.attention(self.norm_query(letters), keys, keys, need_weights=False)[0]
+        return letters + self.mlp(self.norm_mlp(letters))
 
 
 class ResBlock(nn.Module):
@@ -55,6 +87,9 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
         channels: stem widths, one per resolution from image_size down to grid.
         width, layers, attention_heads: the transformer over the blueprint positions.
         letter_slots, offset_bins: the blueprint's (see `BlueprintConfig`).
+        letter_reader_layers: cross-attention layers through which the letter slots read the stem's finer map at
+            `letter_reader_side` x `letter_reader_side` (one of its resolutions); 0: letters read the 8 px cells alone.
+            Glyphs are 10-14 px tall, too fine for 8 px cell features (docs/semantic_blueprint.md, "Reading words").
     """
 
     @register_to_config
@@ -68,6 +103,8 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
         attention_heads: int = 4,
         letter_slots: int = 4,
         offset_bins: int = 8,
+        letter_reader_layers: int = 0,
+        letter_reader_side: int = 16,
     ):
         super().__init__()
         self.vocab = SemanticVocab(BlueprintConfig(canvas=image_size, grid=grid, offset_bins=offset_bins, letter_slots=letter_slots))
@@ -78,6 +115,14 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
             stem += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), ResBlock(c_out)]
         stem += [nn.GroupNorm(8, channels[-1]), nn.GELU(), nn.Conv2d(channels[-1], width, 1)]
         self.stem = nn.Sequential(*stem)
+        sides = [image_size // 2**i for i in range(len(channels))]
+        if letter_reader_layers and letter_reader_side not in sides[1:]:
+            raise ValueError(f"letter_reader_side must be one of the stem's resolutions {sides[1:]}, got {letter_reader_side}")
+        # the stem module after which the map at letter_reader_side is ready: its ResBlock at that resolution
+        self.letter_map_index = 1 + 2 * sides.index(letter_reader_side) if letter_reader_layers else None
+        self.letter_reader = nn.ModuleList(
+            LetterReader(channels[sides.index(letter_reader_side)], width, attention_heads, letter_reader_side**2) for _ in range(letter_reader_layers)
+        )
         n = self.vocab.config.seq_len
         self.queries = nn.Parameter(torch.randn(1, 1 + letter_slots, width) * 0.02)  # background and letter slots
         self.position = nn.Parameter(torch.randn(1, n, width) * 0.02)
@@ -99,12 +144,19 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> SemanticEncoderOutput:
         """images: (B, 3, H, W) in [-1, 1]; ids: (B, N) true blueprints, for the loss."""
-        cells = self.stem(images).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        x, fine = images, None
+        for i, module in enumerate(self.stem):
+            x = module(x)
+            if i == self.letter_map_index:
+                fine = x.flatten(2).transpose(1, 2)  # (B, side*side, C): the map the letters read
+        cells = x.flatten(2).transpose(1, 2)  # (B, grid*grid, width)
         b, slots = cells.shape[0], self.config.letter_slots
         queries = self.queries.expand(b, -1, -1)
         tokens = torch.cat([queries[:, :1], cells, queries[:, 1:]], dim=1) + self.position
         h = self.norm(self.transformer(tokens))
         bg, cell, letters = h[:, :1], h[:, 1:-slots], h[:, -slots:]
+        for reader in self.letter_reader:
+            letters = reader(letters, fine)
         logits = {"background": self.readout["background"](bg), "letter": self.readout["letter"](letters),
                   **{name: self.readout[name](cell) for name in ("kind", *CELL_FACTORS)}}
         if ids is None:
@@ -155,7 +207,34 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
         """(B, 3, H, W) in [-1, 1] -> (B, N) blueprint ids: every head's most likely class, assembled into ids."""
         logits = self(images).logits
         pick = {name: scores.argmax(-1) for name, scores in logits.items()}
+        pick["kind"] = self.cell_kinds(logits)
         return self.assemble(pick)
+
+    def cell_kinds(self, logits: dict[str, torch.Tensor], edge_threshold: float = EDGE_THRESHOLD) -> torch.Tensor:
+        """(B, cells) index into CELL_KINDS per cell, decided over the scene rather than cell by cell, by three rules of
+        the codec's world (measured in docs/semantic_blueprint.md, "Reading the kinds"):
+
+        - At most one word: a word spans 3-6 cells and its centre cell is often ambiguous, so each cell alone may
+          say "text" too weakly (or two may). The word is there when its probability summed over the cells is
+          >= 0.5, and its anchor is the cell most likely to hold it.
+        - An object whose centre lies near a cell edge spreads its probability over two cells, so neither may
+          reach 0.5. A cell is a shape when its shape probability is >= 0.5, or >= `edge_threshold` while it is
+          the largest of its 3 x 3 neighbourhood and no neighbour is a shape already.
+        - The same object is not read twice: a shape cell next to a more probable one of the same shape and color
+          is dropped. Two real objects of one shape and color are >= 12 px apart, but they can sit in
+          neighbouring cells, so this rule costs the rare such pair one object (measured, net gain)."""
+        p = logits["kind"].float().softmax(-1)  # (B, cells, 3): EMPTY, SHAPE, TEXT
+        shape, text = p[..., 1], p[..., 2]
+        sure = shape >= 0.5
+        peak = shape >= _neighbourhood(shape, 0.0).max(-1).values
+        kinds = (sure | ((shape >= edge_threshold) & peak & ~_neighbourhood(sure.float(), 0.0).amax(-1).bool())).long()
+        identity = (logits["shape"].argmax(-1) * logits["color"].shape[-1] + logits["color"].argmax(-1)).float()
+        shape_p = torch.where(kinds == 1, shape, 0.0)
+        twice = (_neighbourhood(shape_p, 0.0) > shape_p[..., None]) & (_neighbourhood(identity, -1.0) == identity[..., None])
+        kinds = torch.where(twice.any(-1), 0, kinds)
+        word = text.sum(1) >= 0.5
+        anchor = F.one_hot(text.argmax(1), p.shape[1]).bool() & word[:, None]
+        return torch.where(anchor, 2, kinds)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

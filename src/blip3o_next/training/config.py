@@ -55,7 +55,9 @@ class TrainConfig(RunConfig):
     """Settings of one training run of a stage (YAML keys are these field names; unknown keys are rejected)."""
 
     stage: str = redefault("stage", "pretrain", f"one of {', '.join(STAGES)}")
-    init_from: str | None = redefault("init_from", None, "sft / edit_sft: the model folder to start from; vae: a VAE folder to fine-tune")
+    init_from: str | None = redefault(
+        "init_from", None, "sft / edit_sft: the model folder to start from; vae: a VAE folder to fine-tune; semantic_tokenizer: an encoder (or a model) to fine-tune"
+    )
     batch_size: int = field(default=32, metadata={"help": "global batch (split across processes)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor, as a fraction of lr"})
     canvas: int = field(default=64, metadata={"help": "image size in px"})

@@ -93,7 +93,28 @@ class SemanticTokenizerStage(PretrainedModuleStage):
     def __init__(self, cfg: TrainConfig):
         from ..models.semantic_encoder import SemanticEncoder
 
-        self.module = SemanticEncoder(image_size=cfg.canvas, **cfg.parts.get("semantic_tokenizer", {}))
+        parts = cfg.parts.get("semantic_tokenizer", {})
+        self.module = SemanticEncoder(image_size=cfg.canvas, **parts) if not cfg.init_from else self.fine_tuned(cfg.init_from, parts)
+
+    @staticmethod
+    def fine_tuned(init_from: str, parts: dict):
+        """A trained encoder (its folder, or a model's: a bundled name or checkpoint folder) with `parts` changing its
+        config; parts it lacks (a letter reader) start at their identity initialisation."""
+        from ..models.semantic_encoder import SemanticEncoder
+        from ..pipeline import resolve_model_path
+
+        folder = Path(init_from)
+        if not (folder / "config.json").is_file():
+            folder = resolve_model_path(init_from) / "image_tokenizer"
+        start = SemanticEncoder.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+        config = {k: v for k, v in start.config.items() if not k.startswith("_")}
+        may_change = () if config["letter_reader_layers"] else ("letter_reader_layers", "letter_reader_side")
+        changed = sorted(k for k, v in parts.items() if config.get(k) != v and k not in may_change)
+        if changed:
+            raise ValueError(f"fine-tuning {folder} may only add a letter reader; parts.semantic_tokenizer changes {', '.join(changed)}")
+        module = SemanticEncoder(**{**config, **parts})
+        module.load_state_dict(start.state_dict(), strict=False)  # the letter reader's keys stay at their initialisation
+        return module
 
     def loss(self, model, samples, generators):
         from ..models.image_tokenizer import images_to_tensor
