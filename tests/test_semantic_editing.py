@@ -97,6 +97,30 @@ def test_semantic_edit_sft_gives_one_model_that_edits_and_generates(semantic_edi
     assert pipe("a photo of a red circle", seed=0, num_inference_steps=2).blueprints.shape == (1, model.num_image_tokens)
 
 
+def test_a_planner_stage_trains_the_ar_side_alone_and_the_renderer_reads_through_the_starting_one(semantic_edit_dir, tmp_path, monkeypatch):
+    """Stage 5c's form: with a reader, `train_only` the AR side and flow matching off, edit SFT encodes no latents,
+    changes only the AR model and its image embedding, and freezes the starting ones as the renderer's reader."""
+    from blip3o_next.training import stages
+
+    cfg = TrainConfig(stage="edit_sft", output_dir=str(tmp_path / "out"), init_from=str(semantic_edit_dir), steps=2, batch_size=4, lr=1e-2,
+                      warmup_steps=1, checkpoint_every=2, log_every=1, edit_fraction=0.5, reader=True, train_only=["ar.", "image_embedding."],
+                      model={"edit_preserve_unchanged": True, "edit_paste_unchanged": True, "flow_matching_weight": 0.0})
+    with monkeypatch.context() as m:
+        m.setattr("blip3o_next.models.vae.encode_latents", lambda *a, **k: pytest.fail("a CE-only stage must not encode latents"))
+        m.setattr(stages.EditStage, "preview", lambda self, module, samples: np.zeros((1, 8, 8, 3), np.uint8))
+        out = train(cfg) / "final"
+    before = Blip3oNext.from_pretrained(semantic_edit_dir).state_dict()
+    after = Blip3oNext.from_pretrained(out).state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"ar", "image_embedding"}
+    for part, reader in (("ar", "reader_ar"), ("image_embedding", "reader_embedding")):
+        assert all(torch.equal(after[f"{reader}.{k.split('.', 1)[1]}"], v) for k, v in before.items() if k.split(".")[0] == part)
+    pair = sample_edit("recolor", np.random.default_rng(0))
+    assert Pipeline.from_pretrained(out).edit(render(pair.source), pair.instruction, seed=0, num_inference_steps=2).images[0].size == (64, 64)
+    with pytest.raises(ValueError, match="reader freezes a trained model's AR side"):
+        TrainConfig(stage="vae", reader=True)
+
+
 def test_edit_change_weight_weighs_the_answer_tokens_that_differ_from_the_reference(semantic_edit_dir):
     """The edit's one changed token (the recolored circle's anchor) weighs edit_change_weight in the CE; copied
     tokens, the instruction and every token of a text-to-image row weigh 1."""

@@ -287,7 +287,7 @@ class Blip3oNext(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
-        latents: torch.Tensor,
+        latents: torch.Tensor | None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         reference_latents: torch.Tensor | None = None,
         is_edit: torch.Tensor | None = None,
@@ -295,14 +295,17 @@ class Blip3oNext(nn.Module):
         """Joint loss: next-token CE over text and image tokens + flow matching conditioned on the image span.
 
         For edit samples (`is_edit` (B,) True), `reference_latents` (B, C, H, W) are the source image's latents;
-        the other samples of the batch are text-to-image and are rendered without a reference."""
+        the other samples of the batch are text-to-image and are rendered without a reference. With
+        `flow_matching_weight` 0 the loss is the CE alone and `latents` may be None."""
         hidden, token_log_p = self._ar_forward(input_ids, attention_mask, labels[:, 1:], is_edit)
-        if self.reader_ar is not None:  # the renderer reads the blueprint through the reader (see __init__)
-            hidden = self.reader_states(input_ids, attention_mask)
         index = self.image_span(input_ids)
         valid = (labels[:, 1:] != -100).float() * self.ce_token_weights(input_ids, index, is_edit)
         # Mean per sequence, then over the batch: the same loss however the batch is split across processes.
         ce = (-(token_log_p * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+        if self.config.flow_matching_weight == 0:  # the AR side alone learns (e.g. to plan edits): nothing is rendered
+            return Blip3oNextOutput(loss=self.config.ce_weight * ce, ce_loss=ce.detach(), flow_matching_loss=torch.zeros((), device=ce.device))
+        if self.reader_ar is not None:  # the renderer reads the blueprint through the reader (see __init__)
+            hidden = self.reader_states(input_ids, attention_mask)
         if self.config.condition_source == "prompt":
             condition = self.condition(*prompt_states(hidden, attention_mask, index[:, 0] - 1))
         else:

@@ -39,6 +39,12 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seeds the data stream, initialisation and noise"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "older checkpoints are deleted"})
+    reader: bool = field(
+        default=False,
+        metadata={"help": "models (sft, edit_sft, grpo): freeze a copy of the starting AR side as the reader that re-reads each blueprint "
+                          "for the renderer, so training the AR side never moves the renderer's input (saved with the model; a model "
+                          "that has one keeps it)"},
+    )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> Any:
@@ -112,6 +118,8 @@ class TrainConfig(RunConfig):
             raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
         if self.stage in ("sft", "edit_sft") and not self.init_from:
             raise ValueError(f"the {self.stage} stage needs init_from (a model folder, or a bundled model's name)")
+        if self.reader and self.stage not in ("sft", "edit_sft"):
+            raise ValueError(f"reader freezes a trained model's AR side for its renderer: sft or edit_sft, not {self.stage}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 < self.edit_fraction < 1:

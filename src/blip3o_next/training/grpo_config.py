@@ -36,11 +36,6 @@ class GRPOConfig(RunConfig):
     beta: float = field(default=0.001, metadata={"help": "KL coefficient to the frozen reference (official 0.001)"})
     epsilon: float = field(default=0.2, metadata={"help": "clip range of the importance ratio"})
     updates_per_batch: int = field(default=1, metadata={"help": "optimizer steps on each batch of rollouts (>1 makes the clipping bite)"})
-    reader: bool = field(
-        default=False,
-        metadata={"help": "freeze a copy of the starting AR side as the reader that re-reads each blueprint for the renderer, so updates to the "
-                          "policy never move the renderer's input (saved with the model; a model that has one keeps it)"},
-    )
     shared_noise: bool = field(default=True, metadata={"help": "the rollouts of one prompt start the diffusion from the same noise, so their rewards differ by blueprint"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature (no top-k/top-p, so log-probs are exact)"})
     num_inference_steps: int | None = field(default=None, metadata={"help": "diffusion steps of the rollouts (default: the model's)"})

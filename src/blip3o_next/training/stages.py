@@ -226,6 +226,8 @@ class ModelStage(PretrainedModuleStage):
         for part in (model.image_tokenizer, model.vae):
             part.requires_grad_(False).eval()
         self.module = model
+        if cfg.reader:
+            model.add_reader()
 
     def loss(self, model, samples, generators):
         """Samples with a "reference" image are edits (caption = instruction, image = target); the rest t2i."""
@@ -243,14 +245,18 @@ class ModelStage(PretrainedModuleStage):
         x = _images(samples).to(device)
         is_edit = torch.tensor(["reference" in s for s in samples], device=device)
         reference_codes, reference_latents = None, None
+        renders = core.config.flow_matching_weight > 0  # else the AR side alone learns: no latents are needed
+        latents = None
         with torch.no_grad():
             if not exact:  # VQ codes; or own data's semantic blueprints, as the model's own encoder reads its images
                 codes = core.image_tokenizer.encode(x)
-            latents = encode_latents(core.vae, x)
+            if renders:
+                latents = encode_latents(core.vae, x)
             if is_edit.any():  # only the edit rows' references are encoded; t2i rows keep placeholders the model never reads
                 r = _images([{"image": s["reference"]} for s in samples if "reference" in s]).to(device)
-                reference_latents = latents.clone()
-                reference_latents[is_edit] = encode_latents(core.vae, r)
+                if renders:
+                    reference_latents = latents.clone()
+                    reference_latents[is_edit] = encode_latents(core.vae, r)
                 edit_codes = iter(core.image_tokenizer.encode(r).tolist())
                 reference_codes = [next(edit_codes) if e else None for e in is_edit.tolist()]
         ids, mask, labels = build_sequences(
