@@ -115,6 +115,8 @@ def test_a_planner_stage_trains_the_ar_side_alone_and_the_renderer_reads_through
     assert changed == {"ar", "image_embedding"}
     for part, reader in (("ar", "reader_ar"), ("image_embedding", "reader_embedding")):
         assert all(torch.equal(after[f"{reader}.{k.split('.', 1)[1]}"], v) for k, v in before.items() if k.split(".")[0] == part)
+    resumed = TrainConfig(stage="edit_sft", output_dir=str(tmp_path / "next"), init_from=str(out), model={"edit_preserve_unchanged": True})
+    assert stages.EditStage(resumed).module.config.flow_matching_weight == 1.0  # a later stage trains the renderer again
     pair = sample_edit("recolor", np.random.default_rng(0))
     assert Pipeline.from_pretrained(out).edit(render(pair.source), pair.instruction, seed=0, num_inference_steps=2).images[0].size == (64, 64)
     with pytest.raises(ValueError, match="reader freezes a trained model's AR side"):

@@ -196,6 +196,9 @@ class VaeStage(PretrainedModuleStage):
         return np.concatenate([tensor_to_images(x), tensor_to_images(module(x).sample.clamp(-1, 1))], axis=2)
 
 
+LOSS_WEIGHTS = ("ce_weight", "flow_matching_weight", "edit_change_weight")  # Blip3oNextConfig's training-loss fields
+
+
 class ModelStage(PretrainedModuleStage):
     """Pretrain / SFT of the AR model, connector and diffusion transformer; tokenizer and VAE frozen."""
 
@@ -212,7 +215,11 @@ class ModelStage(PretrainedModuleStage):
             from ..pipeline import resolve_model_path
 
             model = Blip3oNext.from_pretrained(resolve_model_path(cfg.init_from), torch_dtype=torch.float32)
-            model.config = dataclasses.replace(model.config, **cfg.model)
+            # The loss weights are this stage's, not those of the stage that made the start model (stage 5c trains
+            # with flow matching off): unless `model:` sets them, they are the defaults.
+            defaults = Blip3oNextConfig()
+            losses = {name: getattr(defaults, name) for name in LOSS_WEIGHTS}
+            model.config = dataclasses.replace(model.config, **{**losses, **cfg.model})
         else:
             tok = PreTrainedTokenizerFast.from_pretrained(cfg.text_tokenizer_dir)
             folder = Path(cfg.image_tokenizer_dir)
