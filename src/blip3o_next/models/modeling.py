@@ -103,6 +103,11 @@ class Blip3oNextConfig:
     edit_temperature: float | None = None
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the preset name)
 
+    @property
+    def trains_renderer(self) -> bool:
+        """Whether training renders (flow matching); with its weight 0 the AR side alone learns, on CE."""
+        return self.flow_matching_weight > 0
+
     def __post_init__(self):
         if not 0 <= self.condition_dropout < 1:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
@@ -302,7 +307,7 @@ class Blip3oNext(nn.Module):
         valid = (labels[:, 1:] != -100).float() * self.ce_token_weights(input_ids, index, is_edit)
         # Mean per sequence, then over the batch: the same loss however the batch is split across processes.
         ce = (-(token_log_p * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
-        if self.config.flow_matching_weight == 0:  # the AR side alone learns (e.g. to plan edits): nothing is rendered
+        if not self.config.trains_renderer:  # the AR side alone learns (e.g. to plan edits): nothing is rendered
             return Blip3oNextOutput(loss=self.config.ce_weight * ce, ce_loss=ce.detach(), flow_matching_loss=torch.zeros((), device=ce.device))
         if self.reader_ar is not None:  # the renderer reads the blueprint through the reader (see __init__)
             hidden = self.reader_states(input_ids, attention_mask)

@@ -252,7 +252,7 @@ class ModelStage(PretrainedModuleStage):
         x = _images(samples).to(device)
         is_edit = torch.tensor(["reference" in s for s in samples], device=device)
         reference_codes, reference_latents = None, None
-        renders = core.config.flow_matching_weight > 0  # else the AR side alone learns: no latents are needed
+        renders = core.config.trains_renderer  # else the AR side alone learns: no latents are needed
         latents = None
         with torch.no_grad():
             if not exact:  # VQ codes; or own data's semantic blueprints, as the model's own encoder reads its images
