@@ -16,8 +16,9 @@ from blip3o_next.eval.suites import EditItem, edit_plan_summary
 from blip3o_next.training.grpo import train_grpo
 from blip3o_next.training.grpo_config import GRPOConfig
 from blip3o_next.models.modeling import Blip3oNext
-from blip3o_next.pipeline import Pipeline, unchanged_cells
-from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, changed_region, encode_scene
+from blip3o_next.models.image_tokenizer import images_to_tensor
+from blip3o_next.pipeline import INK_THRESHOLD, Pipeline, paste_kept_ink, unchanged_cells
+from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, KEEP_TOLERANCE, changed_region, encode_scene
 from blip3o_next.shapeworld.edits import EDIT_CATEGORIES, parse_instruction, sample_edit
 from blip3o_next.shapeworld.render import make_text, render
 from blip3o_next.shapeworld.world import Scene, ShapeObject
@@ -45,6 +46,39 @@ def test_changed_region_covers_exactly_what_an_edit_changes():
     worded = dataclasses.replace(SCENE, text=make_text("HI", 44.5, 16.5, 12, "black"))
     region = changed_region(encode_scene(worded), ids)
     assert region[16, 44] and not region[16, 16] and not region[44, 44]
+
+
+def test_changed_region_keeps_what_is_written_within_the_keep_tolerance():
+    """A copy one bin off (a word centred on the canvas straddles a cell border) is the reference's, kept; a change of
+    form, or a move beyond the tolerance, is redrawn."""
+    worded = dataclasses.replace(SCENE, text=make_text("HI", 32.0, 30.0, 12, "black"))
+    ids = encode_scene(worded)
+    nudged = dataclasses.replace(
+        worded, objects=(dataclasses.replace(SCENE.objects[0], cx=17.5), SCENE.objects[1]), text=make_text("HI", 31.0, 30.0, 12, "black"),
+    )
+    assert encode_scene(nudged) != ids  # the word's anchor moved to the neighbouring cell
+    assert not changed_region(encode_scene(nudged), ids).any()
+    far = dataclasses.replace(worded, objects=(dataclasses.replace(SCENE.objects[0], cx=16.5 + KEEP_TOLERANCE + 1), SCENE.objects[1]))
+    assert changed_region(encode_scene(far), ids)[16, 16]
+    respelled = dataclasses.replace(worded, text=make_text("HO", 31.0, 30.0, 12, "black"))
+    region = changed_region(encode_scene(respelled), ids)
+    assert region[30, 32] and not region[16, 16]
+
+
+def test_a_new_background_keeps_the_reference_pixels_of_the_objects_the_edit_keeps():
+    """A background edit redraws the whole image; the objects its blueprint keeps then take the reference's own
+    pixels where those are ink, and the rest stays as drawn. An edit that keeps the background is left alone here."""
+    reference = images_to_tensor(render(SCENE)[None])
+    drawn = torch.zeros_like(reference)  # stands in for the renderer's output
+    removed = dataclasses.replace(SCENE, background="black", objects=SCENE.objects[:1])
+    out = paste_kept_ink(drawn, reference, torch.tensor([encode_scene(removed)]), torch.tensor([encode_scene(SCENE)]), DEFAULT_VOCAB)
+    circle_ink = (reference[0] - 1).abs().amax(0) > INK_THRESHOLD  # white background
+    circle_ink[:, 32:] = False
+    assert circle_ink.sum() > 50
+    assert torch.equal(out[0][:, circle_ink], reference[0][:, circle_ink])
+    assert torch.equal(out[0][:, ~circle_ink], drawn[0][:, ~circle_ink])  # the background, and the removed square
+    same = torch.tensor([encode_scene(SCENE)])
+    assert torch.equal(paste_kept_ink(drawn, reference, same, same, DEFAULT_VOCAB), drawn)
 
 
 def test_unchanged_cells_of_a_semantic_edit_hold_the_latent_cells_no_changed_box_touches():
@@ -98,15 +132,18 @@ def test_semantic_edit_sft_gives_one_model_that_edits_and_generates(semantic_edi
 
 
 def test_a_planner_stage_trains_the_ar_side_alone_and_the_renderer_reads_through_the_starting_one(semantic_edit_dir, tmp_path, monkeypatch):
-    """Stage 5c's form: with a reader, `train_only` the AR side and flow matching off, edit SFT encodes no latents,
-    changes only the AR model and its image embedding, and freezes the starting ones as the renderer's reader."""
+    """Stage 5c's form: with a reader, `train_only` the AR side, flow matching off and exact references, edit SFT
+    encodes no latents and reads no image, changes only the AR model and its image embedding, and freezes the starting
+    ones as the renderer's reader."""
+    from blip3o_next.models.semantic_encoder import SemanticEncoder
     from blip3o_next.training import stages
 
     cfg = TrainConfig(stage="edit_sft", output_dir=str(tmp_path / "out"), init_from=str(semantic_edit_dir), steps=2, batch_size=4, lr=1e-2,
                       warmup_steps=1, checkpoint_every=2, log_every=1, edit_fraction=0.5, reader=True, train_only=["ar.", "image_embedding."],
-                      model={"edit_preserve_unchanged": True, "edit_paste_unchanged": True, "flow_matching_weight": 0.0})
+                      edit_references="exact", model={"edit_preserve_unchanged": True, "edit_paste_unchanged": True, "flow_matching_weight": 0.0})
     with monkeypatch.context() as m:
         m.setattr("blip3o_next.models.vae.encode_latents", lambda *a, **k: pytest.fail("a CE-only stage must not encode latents"))
+        m.setattr(SemanticEncoder, "encode", lambda *a, **k: pytest.fail("exact references need no encoder"))
         m.setattr(stages.EditStage, "preview", lambda self, module, samples: np.zeros((1, 8, 8, 3), np.uint8))
         out = train(cfg) / "final"
     before = Blip3oNext.from_pretrained(semantic_edit_dir).state_dict()
@@ -121,6 +158,24 @@ def test_a_planner_stage_trains_the_ar_side_alone_and_the_renderer_reads_through
     assert Pipeline.from_pretrained(out).edit(render(pair.source), pair.instruction, seed=0, num_inference_steps=2).images[0].size == (64, 64)
     with pytest.raises(ValueError, match="reader freezes a trained model's AR side"):
         TrainConfig(stage="vae", reader=True)
+
+
+def test_exact_references_are_the_source_scenes_own_blueprints():
+    """`edit_references: exact`: each edit pair's reference blueprint is its source scene's, so every token the edit
+    leaves alone is a copy; text-to-image samples have none."""
+    from blip3o_next.training.stages import ModelStage
+
+    pair = sample_edit("move", np.random.default_rng(1))
+    edit = {"scene": pair.target.to_dict(), "source_scene": pair.source.to_dict(), "reference": render(pair.source)}
+    t2i = {"scene": SCENE.to_dict()}
+    kept, codes, references = ModelStage.exact_blueprints([edit, t2i], with_references=True)
+    assert len(kept) == 2 and codes.tolist() == [encode_scene(pair.target), encode_scene(SCENE)]
+    assert references == [encode_scene(pair.source), None]
+    assert ModelStage.exact_blueprints([edit, t2i])[2] == [None, None]
+    with pytest.raises(ValueError, match="edit_references must be one of"):
+        TrainConfig(stage="edit_sft", init_from="tiny", edit_references="truth")
+    with pytest.raises(ValueError, match="edit_references is an edit_sft setting"):
+        TrainConfig(stage="sft", init_from="tiny", edit_references="exact")
 
 
 def test_edit_change_weight_weighs_the_answer_tokens_that_differ_from_the_reference(semantic_edit_dir):

@@ -34,10 +34,11 @@ from .models.diffusion import sample_latents
 from .fileio import to_rgb
 from .models.image_tokenizer import ImageTokenizer, images_to_tensor, tensor_to_images
 from .models.modeling import Blip3oNext
-from .models.semantic_blueprint import SemanticVocab, changed_region
+from .models.semantic_blueprint import SemanticVocab, changed_region, kept_on_new_background
 from .models.semantic_encoder import SemanticEncoder
 from .models.released_checkpoint import PROMPT_TEMPLATE, is_released_layout, load_released, released_prompt
 from .models.vae import decode_latents, encode_latents
+from .shapeworld.world import BACKGROUNDS
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +372,8 @@ class Pipeline:
         if preserve is not None and model.config.edit_paste_unchanged:
             keep = F.interpolate(keep, size=tuple(decoded.shape[-2:]), mode="nearest")  # the cells held during sampling
             decoded = torch.lerp(decoded, reference_pixels.to(decoded.dtype), keep.to(decoded.dtype))
+            if vocab is not None:
+                decoded = paste_kept_ink(decoded, reference_pixels, bp.codes, reference_codes, vocab)
         images = tensor_to_images(decoded)
         # Only this project's tokenizers draw their codes; TA-Tok's decoder rebuilds SigLIP features, not pixels.
         drawn = isinstance(model.image_tokenizer, (ImageTokenizer, SemanticEncoder))
@@ -400,6 +403,29 @@ def unchanged_cells(
     if margin > 0:
         changed = F.max_pool2d(changed, 2 * margin + 1, stride=1, padding=margin)
     return 1.0 - F.interpolate(changed, size=size, mode="nearest")
+
+
+INK_THRESHOLD = 0.25  # [-1, 1] pixel units (32 of 255): a reference pixel this far from its background colour is ink
+
+
+def paste_kept_ink(
+    decoded: torch.Tensor, reference_pixels: torch.Tensor, codes: torch.Tensor, reference_codes: torch.Tensor, vocab: SemanticVocab
+) -> torch.Tensor:
+    """Edits whose semantic blueprint changes the background redraw the whole image; the objects and word they keep
+    then take the reference's own pixels where those are ink (pixels of their boxes farther than INK_THRESHOLD from
+    the reference's background colour), over the new background (`semantic_blueprint.kept_on_new_background`)."""
+    out = decoded.clone()
+    for i, (ids, reference_ids) in enumerate(zip(codes.tolist(), reference_codes.tolist())):
+        kept = kept_on_new_background(ids, reference_ids, vocab)
+        if kept is None:
+            continue
+        background, boxes = kept
+        reference = reference_pixels[i].to(decoded.dtype)
+        colour = torch.tensor(BACKGROUNDS[background], dtype=decoded.dtype, device=decoded.device).div(127.5).sub(1.0)
+        ink = (reference - colour[:, None, None]).abs().amax(0) > INK_THRESHOLD
+        where = F.interpolate(torch.from_numpy(boxes)[None, None].float(), size=tuple(ink.shape), mode="nearest")[0, 0].bool()
+        out[i] = torch.where(ink & where.to(ink.device), reference, out[i])
+    return out
 
 
 def compile_for_inference(module: torch.nn.Module) -> Callable:

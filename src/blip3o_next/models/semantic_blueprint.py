@@ -602,23 +602,83 @@ def object_boxes(ids: TokenIds, vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndar
     return np.asarray(rows, np.float32).reshape(-1, 5)
 
 
-def changed_region(ids: TokenIds, reference_ids: TokenIds, pad: float = 2.0, vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndarray:
+KEEP_TOLERANCE = 2.0
+"""px at S = 64: an object or word an edit's blueprint writes this close to where its reference has it, in the same
+form, is the reference's, kept. The AR model copies positions to about one 1 px bin, and a word centred on the
+canvas (as the data engine sets words) sits on a cell border, so a copy may land in the neighbouring cell; the
+contract's own tolerance for untouched objects is 3 px, and no edit moves an object less than that."""
+
+
+def _form(o: ShapeObject | TextObject) -> tuple:
+    """What an object or word is, apart from where."""
+    return (o.word, o.color, o.cap_height) if isinstance(o, TextObject) else (o.shape, o.color, o.size)
+
+
+def _same(a: ShapeObject | TextObject, b: ShapeObject | TextObject, tolerance: float) -> bool:
+    """Same form, centres within `tolerance` px per axis."""
+    return _form(a) == _form(b) and abs(a.cx - b.cx) <= tolerance and abs(a.cy - b.cy) <= tolerance
+
+
+def _unmatched(items: Sequence, others: Sequence, tolerance: float) -> list:
+    """The items with no partner among `others` (`_same`, one partner each, nearest first)."""
+    free = list(others)
+    lonely = []
+    for item in items:
+        partners = [o for o in free if _same(item, o, tolerance)]
+        if partners:
+            free.remove(min(partners, key=lambda o: abs(o.cx - item.cx) + abs(o.cy - item.cy)))
+        else:
+            lonely.append(item)
+    return lonely
+
+
+def _differences(scene: Scene, reference: Scene, tolerance: float) -> tuple[list, list]:
+    """(what `scene` draws that `reference` has not, what `reference` has that `scene` does not draw): objects and
+    words, each unmatched in that form within `tolerance` px."""
+    texts, reference_texts = [t for t in (scene.text,) if t is not None], [t for t in (reference.text,) if t is not None]
+    new = _unmatched(scene.objects, reference.objects, tolerance) + _unmatched(texts, reference_texts, tolerance)
+    gone = _unmatched(reference.objects, scene.objects, tolerance) + _unmatched(reference_texts, texts, tolerance)
+    return new, gone
+
+
+def _boxes_mask(items: Iterable[ShapeObject | TextObject], size: int, pad: float) -> np.ndarray:
+    """(S, S) bool: the items' boxes widened by `pad` px."""
+    centres = np.arange(size) + 0.5  # pixel centres
+    mask = np.zeros((size, size), bool)
+    for o in items:
+        hw, hh = (o.width / 2, o.height / 2) if isinstance(o, TextObject) else (o.size / 2, o.size / 2)
+        mask |= (np.abs(centres[:, None] - o.cy) <= hh + pad) & (np.abs(centres[None, :] - o.cx) <= hw + pad)
+    return mask
+
+
+def changed_region(
+    ids: TokenIds, reference_ids: TokenIds, pad: float = 2.0, vocab: SemanticVocab = DEFAULT_VOCAB, tolerance: float = KEEP_TOLERANCE,
+) -> np.ndarray:
     """(S, S) bool, True where an edit's blueprint `ids` draws something other than its reference's blueprint:
     the boxes, widened by `pad` px (anti-aliased edges), of every object and word that either scene has and the
-    other has not in exactly that form; the whole canvas when the background changes. Where it is False the edit
-    keeps the reference (`Pipeline.edit`'s `preserve_unchanged`)."""
+    other has not in that form within `tolerance` px (`KEEP_TOLERANCE`); the whole canvas when the background
+    changes. Where it is False the edit keeps the reference (`Pipeline.edit`'s `preserve_unchanged`)."""
     scene, reference = decode_tokens(ids, vocab), decode_tokens(reference_ids, vocab)
     size = vocab.config.canvas
     if scene.background != reference.background:
         return np.ones((size, size), bool)
-    boxes = [(o.cx, o.cy, o.size / 2, o.size / 2) for o in set(scene.objects) ^ set(reference.objects)]
-    if scene.text != reference.text:
-        boxes += [(t.cx, t.cy, t.width / 2, t.height / 2) for t in (scene.text, reference.text) if t is not None]
-    centres = np.arange(size) + 0.5  # pixel centres
-    changed = np.zeros((size, size), bool)
-    for cx, cy, hw, hh in boxes:
-        changed |= (np.abs(centres[:, None] - cy) <= hh + pad) & (np.abs(centres[None, :] - cx) <= hw + pad)
-    return changed
+    new, gone = _differences(scene, reference, tolerance)
+    return _boxes_mask(new + gone, size, pad)
+
+
+def kept_on_new_background(
+    ids: TokenIds, reference_ids: TokenIds, vocab: SemanticVocab = DEFAULT_VOCAB, tolerance: float = KEEP_TOLERANCE,
+) -> tuple[str, np.ndarray] | None:
+    """For an edit whose blueprint `ids` changes its reference's background: (the reference's background, (S, S)
+    bool boxes of the reference's objects and word that the edit keeps, in that form within `tolerance` px);
+    None when the background stays (`changed_region` then says what is kept). Their ink can keep the reference's
+    pixels over the new background (`Pipeline.edit`)."""
+    scene, reference = decode_tokens(ids, vocab), decode_tokens(reference_ids, vocab)
+    if scene.background == reference.background:
+        return None
+    _, gone = _differences(scene, reference, tolerance)
+    kept = [o for o in (*reference.objects, *((reference.text,) if reference.text else ())) if all(o is not g for g in gone)]
+    return reference.background, _boxes_mask(kept, vocab.config.canvas, pad=0.0)
 
 
 def encode_batch(scenes: Iterable[Scene], vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndarray:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 STAGES = ("image_tokenizer", "semantic_tokenizer", "vae", "pretrain", "sft", "edit_sft")
 SCENE_STAGES = ("image_tokenizer", "semantic_tokenizer")  # their losses read the data engine's scenes
 MODEL_STAGES = ("pretrain", "sft", "edit_sft")  # the stages that train the whole model (the ones FSDP shards)
+EDIT_REFERENCES = ("encoded", "exact")  # where an edit pair's reference blueprint comes from (TrainConfig.edit_references)
 
 
 @dataclass
@@ -73,6 +74,12 @@ class TrainConfig(RunConfig):
     edit_category_weights: dict[str, float] | None = field(default=None, metadata={"help": "edit_sft: edit category mix (default: all 9, keep included)"})
     edit_placement: str = field(default="uniform", metadata={"help": "edit_sft: where add and move put their object: uniform (any free place "
                                                                "that satisfies the instruction) or nearest (one place per pair; shapeworld.edits.PLACEMENTS)"})
+    edit_references: str = field(
+        default="encoded",
+        metadata={"help": "edit_sft with a semantic blueprint: the reference blueprint the AR model reads: encoded (the model's own "
+                  "encoder reading the source's pixels, as at inference) or exact (the source scene's own blueprint, so that every "
+                  "token an edit does not change is a copy, and the edit change weight falls on the edit alone)"},
+    )
     log_every: int = field(default=10, metadata={"help": "steps between metric rows"})
     mixed_precision: str = field(default="no", metadata={"help": "no / fp16 / bf16 (accelerate; with fsdp, no / bf16)"})
     fsdp: bool = field(
@@ -126,6 +133,10 @@ class TrainConfig(RunConfig):
             raise ValueError(f"edit_fraction must be in (0, 1) so that every batch mixes edits and t2i, got {self.edit_fraction}")
         if self.edit_placement not in PLACEMENTS:
             raise ValueError(f"edit_placement must be one of {', '.join(PLACEMENTS)}, got {self.edit_placement!r}")
+        if self.edit_references not in EDIT_REFERENCES:
+            raise ValueError(f"edit_references must be one of {', '.join(EDIT_REFERENCES)}, got {self.edit_references!r}")
+        if self.edit_references != "encoded" and self.stage != "edit_sft":
+            raise ValueError(f"edit_references is an edit_sft setting, not one of the {self.stage} stage")
         if self.stage == "pretrain" and not (self.text_tokenizer_dir and self.image_tokenizer_dir and self.vae_dir):
             raise ValueError("the pretrain stage needs text_tokenizer_dir, image_tokenizer_dir and vae_dir")
         if self.lora is not None:

@@ -246,8 +246,11 @@ class ModelStage(PretrainedModuleStage):
         core.vae.eval()
         device = next(p for p in model.parameters() if p.requires_grad).device
         exact = core.semantic and all("scene" in s for s in samples)
+        exact_references = self.cfg.edit_references == "exact"
+        if exact_references and not exact:
+            raise ValueError("edit_references: exact needs a semantic blueprint and the data engine's scenes")
         if exact:
-            samples, codes = self.exact_blueprints(samples)
+            samples, codes, references = self.exact_blueprints(samples, with_references=exact_references)
             codes = codes.to(device)
         x = _images(samples).to(device)
         is_edit = torch.tensor(["reference" in s for s in samples], device=device)
@@ -260,12 +263,15 @@ class ModelStage(PretrainedModuleStage):
             if renders:
                 latents = encode_latents(core.vae, x)
             if is_edit.any():  # only the edit rows' references are encoded; t2i rows keep placeholders the model never reads
-                r = _images([{"image": s["reference"]} for s in samples if "reference" in s]).to(device)
+                reference_codes = references if exact_references else None
+                if renders or not exact_references:
+                    r = _images([{"image": s["reference"]} for s in samples if "reference" in s]).to(device)
                 if renders:
                     reference_latents = latents.clone()
                     reference_latents[is_edit] = encode_latents(core.vae, r)
-                edit_codes = iter(core.image_tokenizer.encode(r).tolist())
-                reference_codes = [next(edit_codes) if e else None for e in is_edit.tolist()]
+                if not exact_references:
+                    edit_codes = iter(core.image_tokenizer.encode(r).tolist())
+                    reference_codes = [next(edit_codes) if e else None for e in is_edit.tolist()]
         ids, mask, labels = build_sequences(
             core.tokenizer, core.image_vocab, [s["caption"] for s in samples], codes, self.cfg.max_prompt_tokens, reference_codes
         )
@@ -273,21 +279,25 @@ class ModelStage(PretrainedModuleStage):
         return out.loss, {"ce": out.ce_loss.item(), "flow_matching": out.flow_matching_loss.item()}
 
     @staticmethod
-    def exact_blueprints(samples: list[dict]) -> tuple[list[dict], torch.Tensor]:
+    def exact_blueprints(samples: list[dict], with_references: bool = False) -> tuple[list[dict], torch.Tensor, list[list[int] | None]]:
         """A semantic blueprint's training targets: the exact blueprints of the samples' scenes (the data engine
-        knows them; `loss` lets the encoder read images without a scene, such as own data's). Scenes the codec cannot
-        write are skipped (about 1 in 20,000: a one-letter word beside a small shape, both anchored in one cell)."""
+        knows them; `loss` lets the encoder read images without a scene, such as own data's), and `with_references`
+        also each edit pair's source blueprint (None for the rest). Samples the codec cannot write are skipped (about 1
+        in 20,000 scenes: a one-letter word beside a small shape, both anchored in one cell)."""
         from ..models.semantic_blueprint import encode_scene
         from ..shapeworld.world import Scene
 
-        kept, codes = [], []
+        kept, codes, references = [], [], []
         for s in samples:
             try:
-                codes.append(encode_scene(Scene.from_dict(s["scene"])))
+                code = encode_scene(Scene.from_dict(s["scene"]))
+                reference = encode_scene(Scene.from_dict(s["source_scene"])) if with_references and "reference" in s else None
             except ValueError:
                 continue
             kept.append(s)
-        return kept, torch.tensor(codes)
+            codes.append(code)
+            references.append(reference)
+        return kept, torch.tensor(codes), references
 
     def preview(self, module, samples):
         from ..pipeline import Pipeline
