@@ -252,11 +252,12 @@ class ModelStage(PretrainedModuleStage):
         if exact:
             samples, codes, references = self.exact_blueprints(samples, with_references=exact_references)
             codes = codes.to(device)
-        x = _images(samples).to(device)
         is_edit = torch.tensor(["reference" in s for s in samples], device=device)
         reference_codes, reference_latents = None, None
         renders = core.config.trains_renderer  # else the AR side alone learns: no latents are needed
         latents = None
+        # The targets' pixels are read only to encode them: for latents, or for codes without a known scene.
+        x = _images(samples).to(device) if renders or not exact else None
         with torch.no_grad():
             if not exact:  # VQ codes; or own data's semantic blueprints, as the model's own encoder reads its images
                 codes = core.image_tokenizer.encode(x)
