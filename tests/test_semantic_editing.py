@@ -247,3 +247,28 @@ def test_edit_grpo_on_plan_rewards_renders_nothing_and_trains_the_one_ar_side(se
     with open(out / "metrics.csv") as f:
         (row,) = csv.DictReader(f)
     assert {"reward_plan", "reward_plan_partial"} <= set(row) and "reward_success" not in row and float(row["kl"]) == 0.0
+
+
+def test_a_glyph_stage_trains_the_renderer_alone_on_the_words_ink(semantic_edit_dir, tmp_path, monkeypatch):
+    """Stage 5e's form: `glyph_condition` widens the renderer's input (enable_glyphs) and, with `train_only` the
+    transformer and the CE off, only the transformer changes; the saved model keeps the condition, and no later
+    stage can take it away."""
+    from blip3o_next.training import stages
+
+    model = {"edit_preserve_unchanged": True, "glyph_condition": True, "ce_weight": 0.0}
+    cfg = TrainConfig(stage="edit_sft", output_dir=str(tmp_path / "out"), init_from=str(semantic_edit_dir), steps=2, batch_size=4, lr=1e-2,
+                      warmup_steps=1, checkpoint_every=2, log_every=1, edit_fraction=0.5, train_only=["transformer."], model=model)
+    with monkeypatch.context() as m:
+        m.setattr(stages.EditStage, "preview", lambda self, module, samples: np.zeros((1, 8, 8, 3), np.uint8))
+        out = train(cfg) / "final"
+    before = Blip3oNext.from_pretrained(semantic_edit_dir)
+    after = Blip3oNext.from_pretrained(out)
+    assert after.config.glyph_condition and after.transformer.config.in_channels == before.transformer.config.in_channels + 16
+    old, new = before.state_dict(), after.state_dict()
+    assert {k.split(".")[0] for k in old if old[k].shape == new[k].shape and not torch.equal(old[k], new[k])} == {"transformer"}
+    glyph_weights = new["transformer.patch_embed.proj.weight"][:, -24:-8]  # after the latents and maps, before the reference
+    assert glyph_weights.abs().sum() > 0  # trained from zero
+    pair = sample_edit("text", np.random.default_rng(0))
+    assert Pipeline(after).edit(render(pair.source), pair.instruction, seed=0, num_inference_steps=2).images[0].size == (64, 64)
+    with pytest.raises(ValueError, match="cannot take it away"):
+        stages.EditStage(TrainConfig(stage="edit_sft", output_dir=str(tmp_path / "next"), init_from=str(out), model={"glyph_condition": False}))

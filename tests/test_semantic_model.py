@@ -20,14 +20,15 @@ from blip3o_next.training.grpo_config import GRPOConfig
 from blip3o_next.training.grpo_tasks import Rollouts
 from blip3o_next.training.rewards import RewardFunction
 from blip3o_next.models.image_tokenizer import images_to_tensor
-from blip3o_next.models.modeling import Blip3oNext
+from blip3o_next.models.modeling import Blip3oNext, enable_glyphs
 from blip3o_next.pipeline import Pipeline
-from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, TokenKind, decode_tokens, encode_scene, preview
+from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, TokenKind, decode_tokens, encode_scene, glyph_ink, preview
 from blip3o_next.models.semantic_embedding import MIN_SPACE, SemanticEmbedding, token_log_probs
 from blip3o_next.models.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.sampler import sample_scene
-from blip3o_next.shapeworld.world import Scene
+from blip3o_next.shapeworld.render import make_text, render
+from blip3o_next.shapeworld.world import Scene, ShapeObject
 from blip3o_next.training.checkpoints import latest_checkpoint
 from blip3o_next.training.config import TrainConfig
 from blip3o_next.training.trainer import train
@@ -142,6 +143,39 @@ def test_footprint_map_paints_each_object_over_its_box():
     assert torch.equal(inside, want)
     assert torch.equal(out[0, 1][want], torch.full((16,), 2.0))
     assert out[0, 4, 3, 3] < 0 < out[0, 4, 3, 6] and out[0, 5, 3, 4] < 0 < out[0, 5, 6, 4]  # x, y offsets from the centre
+
+
+def test_glyph_ink_is_the_words_ink_where_the_data_engine_draws_it():
+    """The glyph condition reads the word from the blueprint alone: black ink on white renders as 255 * (1 - ink)."""
+    ids = encode_scene(Scene(64, "white", (ShapeObject("circle", "red", 14.0, 14.0, 12.0),), make_text("HAT", 36.0, 44.0, 12.0, "black")))
+    ink = glyph_ink(ids)
+    drawn = render(decode_tokens(ids))
+    assert ink.shape == (64, 64) and ink.max() == 1.0 and ink[:20, :20].sum() == 0  # the circle is no glyph
+    text = ink > 0
+    assert np.array_equal(drawn[text, 2], np.rint(255 * (1 - ink[text])).astype(np.uint8))
+    assert not glyph_ink(encode_scene(Scene(64, "gray"))).any()
+
+
+def test_enable_glyphs_adds_zero_weight_channels_that_the_condition_fills_from_the_blueprint(semantic_model):
+    model = copy.deepcopy(semantic_model)
+    ids = torch.tensor([encode_scene(Scene(64, "white", (), make_text("HI", 30.0, 30.0, 12.0, "black")))])
+    states = torch.randn(1, model.span_length, model.ar.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0])
+    from blip3o_next.models.diffusion import predict_velocity
+
+    before = model.condition(states, codes=ids)
+    v = predict_velocity(model.transformer, latents, before, t)
+    channels = model.transformer.config.in_channels
+    enable_glyphs(model)
+    after = model.condition(states, codes=ids)
+    assert model.transformer.config.in_channels == channels + 16 and after.spatial.shape[1] == before.spatial.shape[1] + 16
+    assert torch.equal(after.spatial[:, : before.spatial.shape[1]], before.spatial)
+    glyphs = after.spatial[:, before.spatial.shape[1] :]
+    assert torch.isclose(glyphs.sum(), torch.from_numpy(glyph_ink(ids[0])).sum()) and glyphs.sum() > 0
+    assert torch.allclose(predict_velocity(model.transformer, latents, after, t), v, atol=1e-6)  # zero weights: renders as before
+    enable_glyphs(model)  # idempotent
+    assert model.transformer.config.in_channels == channels + 16
 
 
 def test_semantic_model_trains_saves_loads_and_generates(semantic_model, tmp_path):

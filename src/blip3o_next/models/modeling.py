@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
 from safetensors import SafetensorError
@@ -32,7 +33,7 @@ from .autoregressive import ar_hidden_states
 from .connector import Connector
 from .diffusion import TIMESTEP_SAMPLINGS, Condition, drop_condition, flow_matching_loss
 from .image_tokenizer import ImageTokenizer
-from .semantic_blueprint import object_boxes
+from .semantic_blueprint import glyph_ink, object_boxes
 from .semantic_embedding import SemanticEmbedding, token_log_probs
 from .semantic_encoder import SemanticEncoder
 from .ta_tok import TATok
@@ -101,6 +102,12 @@ class Blip3oNextConfig:
     # AR sampling temperature for edits (None: `temperature`). An edit's blueprint should copy most of the
     # reference's tokens, which a cooler sampler does more often than the text-to-image default.
     edit_temperature: float | None = None
+    # Glyph condition (semantic blueprint only): the ink of the blueprint's word, its letters laid out by the font
+    # (`semantic_blueprint.glyph_ink`), pixel-unshuffled to the latent grid as extra input channels of the
+    # transformer, as text-rendering diffusion models condition on rendered glyphs (GlyphControl, TextDiffuser,
+    # AnyText). Derived from the tokens the AR model wrote, never from the prompt. Without it the tiny renderer drew
+    # no legible letter even from true blueprints (text 0.10). Not in the official design. Set by `enable_glyphs`.
+    glyph_condition: bool = False
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the preset name)
 
     @property
@@ -201,6 +208,11 @@ class Blip3oNext(nn.Module):
         channels = cfg.editing and cfg.reference_noise_injection and cfg.reference_injection_axis == "channels"
         return self.vae.config.latent_channels if channels else 0
 
+    @property
+    def glyph_input_channels(self) -> int:
+        """Input channels the glyph condition adds to the transformer's (one per pixel of a latent cell)."""
+        return spatial_compression(self.vae) ** 2 if self.config.glyph_condition else 0
+
     def ar_for(self, edits: bool) -> Qwen3ForCausalLM:
         """The AR model that writes blueprints for edits (`edits` True) or for text to image."""
         return self.edit_ar if edits and self.edit_ar is not None else self.ar
@@ -226,7 +238,7 @@ class Blip3oNext(nn.Module):
             ("connector input", self.connector.config.hidden_size, "==", self.ar.config.hidden_size),
             ("connector width", self.connector.config.width, "==", self.transformer.config.caption_channels),
             ("transformer in_channels", self.transformer.config.in_channels, "==",
-             self.vae.config.latent_channels + self.connector.map_channels + self.reference_input_channels),
+             self.vae.config.latent_channels + self.connector.map_channels + self.glyph_input_channels + self.reference_input_channels),
             ("image tokenizer input", self.image_tokenizer.config.image_size, "==", self.config.image_size),
         ]
         if self.semantic != (self.image_embedding is not None):
@@ -234,6 +246,8 @@ class Blip3oNext(nn.Module):
         if self.image_embedding is not None:
             checks += [("image_embedding width", self.image_embedding.config.hidden_size, "==", self.ar.config.hidden_size),
                        ("image_embedding ids", self.image_embedding.vocab.size, "==", self.image_vocab.codebook_size)]
+        if self.config.glyph_condition and not self.semantic:
+            raise ValueError("the glyph condition reads the word from a semantic blueprint; this model's is VQ")
         if self.connector.config.footprint_channels and not self.semantic:
             raise ValueError("the connector's footprint path reads object boxes from a semantic blueprint; this model's is VQ")
         if self.edit_ar is not None:
@@ -412,6 +426,10 @@ class Blip3oNext(nn.Module):
                 raise ValueError("the footprint map needs the blueprint's codes (condition(..., codes=))")
             boxes, valid = footprint_boxes(codes, self.image_embedding.vocab)
             maps.append(self.connector.footprint_map(image_states, boxes.to(states.device, states.dtype), valid.to(states.device), side, self.config.image_size))
+        if self.config.glyph_condition:
+            if codes is None:
+                raise ValueError("the glyph condition needs the blueprint's codes (condition(..., codes=))")
+            maps.append(glyph_maps(codes, self.image_embedding.vocab, spatial_compression(self.vae)).to(states.device, states.dtype))
         spatial = torch.cat(maps, dim=1) if maps else None
         reference_channels = None
         if self.reference_input_channels:  # text-to-image in a model with channel injection: an all-zero reference
@@ -485,14 +503,17 @@ class Blip3oNext(nn.Module):
 
 
 @torch.no_grad()
-def widen_input(transformer: SanaTransformer2DModel, extra: int) -> None:
-    """Give the transformer `extra` more input channels whose patch-embedding weights start at zero, so the widened
-    model computes exactly what it did before (InstructPix2Pix's initialisation)."""
+def widen_input(transformer: SanaTransformer2DModel, extra: int, at: int | None = None) -> None:
+    """Give the transformer `extra` more input channels, inserted before channel `at` (default: after the last),
+    whose patch-embedding weights start at zero, so the widened model computes exactly what it did before
+    (InstructPix2Pix's initialisation)."""
     old = transformer.patch_embed.proj
+    at = old.in_channels if at is None else at
     new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
     new = new.to(old.weight.device, old.weight.dtype)
     new.weight.zero_()
-    new.weight[:, : old.in_channels] = old.weight
+    new.weight[:, :at] = old.weight[:, :at]
+    new.weight[:, at + extra :] = old.weight[:, at:]
     if old.bias is not None:
         new.bias.copy_(old.bias)
     transformer.patch_embed.proj = new
@@ -519,6 +540,13 @@ def image_tokenizer_class(folder: Path) -> type[ImageTokenizer] | type[SemanticE
     if name not in IMAGE_TOKENIZERS:
         raise CheckpointError(f"{folder / 'config.json'}: unknown image tokenizer class {name!r} (expected one of {', '.join(IMAGE_TOKENIZERS)})")
     return IMAGE_TOKENIZERS[name]
+
+
+def glyph_maps(codes: torch.Tensor, vocab, factor: int) -> torch.Tensor:
+    """The glyph condition of semantic blueprints `codes` (B, N): each one's word ink (`glyph_ink`), pixel-unshuffled
+    to (B, factor**2, canvas / factor, canvas / factor), so each latent cell reads the ink of its own pixels."""
+    ink = torch.from_numpy(np.stack([glyph_ink(row, vocab) for row in codes.tolist()]))
+    return torch.nn.functional.pixel_unshuffle(ink[:, None], factor)
 
 
 def footprint_boxes(codes: torch.Tensor, vocab) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,6 +609,16 @@ def enable_editing(model: Blip3oNext, reference_connector: dict | None = None, *
         model.reference_connector = Connector(**{**config, **(reference_connector or {})}).to(dtype)
     if model.config.separate_edit_ar and model.edit_ar is None:
         model.edit_ar = copy.deepcopy(model.ar)
+    model._check_parts()
+    return model
+
+
+def enable_glyphs(model: Blip3oNext) -> Blip3oNext:
+    """Give a semantic-blueprint model the glyph condition (`Blip3oNextConfig.glyph_condition`): its transformer
+    gains the glyph channels after the connector's maps, at zero weight, so it renders as before until trained."""
+    if not model.config.glyph_condition:
+        model.config = dataclasses.replace(model.config, glyph_condition=True)
+        widen_input(model.transformer, model.glyph_input_channels, at=model.vae.config.latent_channels + model.connector.map_channels)
     model._check_parts()
     return model
 

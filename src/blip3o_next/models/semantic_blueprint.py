@@ -91,7 +91,7 @@ from PIL import Image
 
 from ..eval.scorers import T2IResult, check_t2i
 from ..shapeworld.prompts import LETTERS, Requirement
-from ..shapeworld.render import glyph_boxes, make_text, render_pil
+from ..shapeworld.render import glyph_boxes, make_text, render_pil, text_alpha
 from ..shapeworld.world import (
     BACKGROUNDS,
     CAP_HEIGHT_RANGE,
@@ -600,6 +600,19 @@ def object_boxes(ids: TokenIds, vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndar
         rows.append((c.cell_positions[anchor_of(t.cx, t.cy, c)[0]], t.cx, t.cy, t.width / 2, t.height / 2))
         rows += [(position, *box) for position, box in zip(c.letter_positions, glyph_boxes(t))]
     return np.asarray(rows, np.float32).reshape(-1, 5)
+
+
+def glyph_ink(ids: TokenIds, vocab: SemanticVocab = DEFAULT_VOCAB) -> np.ndarray:
+    """(canvas, canvas) float32 ink coverage in [0, 1] of the blueprint's word, its letters laid out as `make_text`
+    lays them out (all zero without a word). The renderer's glyph condition: which pixels each letter's strokes
+    cover, so the diffusion transformer need not learn 26 glyph shapes at every sub-cell offset from one state per
+    letter. Colour, background and everything else still come from the AR model's hidden states."""
+    scene = decode_tokens(ids, vocab)
+    ink = np.zeros((scene.canvas, scene.canvas), np.float32)
+    if scene.text is not None:
+        x0, y0, alpha = text_alpha(scene.text, scene.canvas)
+        ink[y0 : y0 + alpha.shape[0], x0 : x0 + alpha.shape[1]] = alpha
+    return ink
 
 
 KEEP_TOLERANCE = 2.0

@@ -206,11 +206,13 @@ class ModelStage(PretrainedModuleStage):
         from diffusers import AutoencoderDC
         from transformers import PreTrainedTokenizerFast
 
-        from ..models.modeling import Blip3oNext, Blip3oNextConfig, image_tokenizer_class
+        from ..models.modeling import Blip3oNext, Blip3oNextConfig, enable_glyphs, image_tokenizer_class
         from ..models.presets import build_model, tiny_parts_configs
         from ..models.semantic_encoder import SemanticEncoder
 
         self.cfg = cfg
+        # The glyph condition widens the transformer (enable_glyphs) rather than being a plain setting.
+        overrides = {k: v for k, v in cfg.model.items() if k != "glyph_condition"}
         if cfg.stage in ("sft", "edit_sft"):
             from ..pipeline import resolve_model_path
 
@@ -219,7 +221,7 @@ class ModelStage(PretrainedModuleStage):
             # with flow matching off): unless `model:` sets them, they are the defaults.
             defaults = Blip3oNextConfig()
             losses = {name: getattr(defaults, name) for name in LOSS_WEIGHTS}
-            model.config = dataclasses.replace(model.config, **{**losses, **cfg.model})
+            model.config = dataclasses.replace(model.config, **{**losses, **overrides})
         else:
             tok = PreTrainedTokenizerFast.from_pretrained(cfg.text_tokenizer_dir)
             folder = Path(cfg.image_tokenizer_dir)
@@ -229,7 +231,11 @@ class ModelStage(PretrainedModuleStage):
             configs = tiny_parts_configs(vocab_size=0, codebook_size=image_tokenizer.codebook_size, semantic=semantic)
             for name, override in cfg.parts.items():
                 configs[name].update(override)
-            model = build_model(tok, configs, Blip3oNextConfig(image_size=cfg.canvas, **cfg.model), image_tokenizer=image_tokenizer, vae=vae)
+            model = build_model(tok, configs, Blip3oNextConfig(image_size=cfg.canvas, **overrides), image_tokenizer=image_tokenizer, vae=vae)
+        if cfg.model.get("glyph_condition"):
+            enable_glyphs(model)
+        elif model.config.glyph_condition and "glyph_condition" in cfg.model:
+            raise ValueError(f"{cfg.init_from} renders with the glyph condition; a stage cannot take it away (glyph_condition: false)")
         for part in (model.image_tokenizer, model.vae):
             part.requires_grad_(False).eval()
         self.module = model
