@@ -270,13 +270,14 @@ class ModelStage(PretrainedModuleStage):
             if renders:
                 latents = encode_latents(core.vae, x)
             if is_edit.any():  # only the edit rows' references are encoded; t2i rows keep placeholders the model never reads
-                reference_codes = references if exact_references else None
                 if renders or not exact_references:
                     r = _images([{"image": s["reference"]} for s in samples if "reference" in s]).to(device)
                 if renders:
                     reference_latents = latents.clone()
                     reference_latents[is_edit] = encode_latents(core.vae, r)
-                if not exact_references:
+                if exact_references:
+                    reference_codes = references
+                else:
                     edit_codes = iter(core.image_tokenizer.encode(r).tolist())
                     reference_codes = [next(edit_codes) if e else None for e in is_edit.tolist()]
         ids, mask, labels = build_sequences(
