@@ -5,13 +5,16 @@ resuming exactly), saves, loads and generates."""
 import copy
 import csv
 import json
+from dataclasses import replace
 from itertools import islice
 
 import numpy as np
 import pytest
 import torch
 
-from blip3o_next.models.autoregressive import SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, kind_first_argmax, sample_blueprint, sample_categorical
+from blip3o_next.models.autoregressive import (
+    SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, kind_first_argmax, kind_first_sample, sample_blueprint, sample_categorical,
+)
 from blip3o_next.cli import main
 from blip3o_next.models.connector import Connector
 from blip3o_next.fileio import InputError
@@ -368,3 +371,36 @@ def test_greedy_semantic_decoding_picks_the_most_probable_kind_then_its_most_pro
     log_probs[2, 3:] = -torch.inf
     assert kind_first_argmax(log_probs, kinds).tolist() == [4, 0, 0]
     assert log_probs.argmax(-1).tolist() == [0, 0, 0]  # the plain argmax over ids, which kept a cell EMPTY
+
+
+def test_kind_first_sampling_keeps_the_odds_of_each_kind_and_cools_only_the_id_within_it():
+    # EMPTY 0.40 against a shape at three offsets (0.30, 0.20, 0.10: 0.60 together). Cooled within its kind, the
+    # shape is still written 60% of the time and its offsets go as p ** 2 (0.30 : 0.20 : 0.10 -> 9 : 4 : 1); one
+    # draw over all ids at temperature 0.5 writes it less often than EMPTY (0.14 / 0.30 = 0.47).
+    kinds = torch.tensor([TokenKind.EMPTY, TokenKind.SHAPE, TokenKind.SHAPE, TokenKind.SHAPE])
+    log_probs = torch.tensor([[0.40, 0.30, 0.20, 0.10]]).log().expand(20000, 4)
+    sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, id_temperature=0.5)
+    draws = kind_first_sample(log_probs, kinds, torch.zeros(20000, 1, dtype=torch.long), sampling, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert abs(freq[1:].sum() - 0.60) < 0.015
+    assert torch.allclose(freq[1:] / freq[1:].sum(), torch.tensor([9.0, 4.0, 1.0]) / 14, atol=0.015)
+    one_draw = (log_probs[0] / 0.5).softmax(-1)
+    assert one_draw[1:].sum() < one_draw[0]
+    greedy_id = kind_first_sample(log_probs, kinds, torch.zeros(20000, 1, dtype=torch.long), replace(sampling, id_temperature=0.0),
+                                  torch.Generator().manual_seed(0))
+    assert set(greedy_id.tolist()) == {0, 1}  # the kind still drawn, then the most probable offset
+    with pytest.raises(ValueError, match="id_temperature"):
+        SamplingConfig(id_temperature=-1.0)
+
+
+def test_the_models_id_temperature_is_the_default_and_an_option_overrides_it(semantic_model, monkeypatch):
+    pipe, prompts = Pipeline(semantic_model), ["a photo of two red circles above a blue star", "the word HI"]
+    one_draw = pipe(prompts, seed=5, num_inference_steps=1).blueprints
+    most_probable_ids = pipe(prompts, seed=5, num_inference_steps=1, id_temperature=0.0).blueprints
+    assert not torch.equal(one_draw, most_probable_ids)
+    monkeypatch.setattr(semantic_model.config, "id_temperature", 0.0)
+    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1).blueprints, most_probable_ids)
+    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0).blueprints,
+                       pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0, id_temperature=1.0).blueprints)  # greedy throughout
+    with pytest.raises(ValueError, match="id_temperature"):
+        type(semantic_model.config)(id_temperature=-0.5)

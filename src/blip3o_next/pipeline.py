@@ -81,6 +81,7 @@ class GenerationOptions:
     guidance_scale: float | None = None  # classifier-free guidance
     sampling: SamplingConfig | None = None  # the AR sampling options at once, in place of temperature, top_k and top_p
     temperature: float | None = None  # AR sampling; 0 = greedy
+    id_temperature: float | None = None  # semantic blueprints: a token's id within its kind (SamplingConfig)
     top_k: int | None = None
     top_p: float | None = None
     progress: bool = False  # a progress bar over the diffusion steps
@@ -198,6 +199,7 @@ class Pipeline:
             temperature=cfg.temperature if temperature is None else temperature,
             top_k=cfg.top_k if options.top_k is None else options.top_k,
             top_p=cfg.top_p if options.top_p is None else options.top_p,
+            id_temperature=cfg.id_temperature if options.id_temperature is None else options.id_temperature,
         )
         if steps < 1 or not (math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"need num_inference_steps >= 1 and a finite guidance_scale >= 0, got {steps}, {guidance}")
