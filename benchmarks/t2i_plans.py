@@ -4,8 +4,9 @@ seed). Picks the model's `temperature` and `id_temperature` (`autoregressive.kin
 
     python benchmarks/t2i_plans.py --settings 1:none 1:0.5 1:0.3 --suite-seed 7 --seeds 0 100 200
 
-A suite seed other than 0 drops the prompts of the held-out suite (suite seed 0, what `blip3o eval geneval` scores),
-so settings are chosen on prompts the evaluation never sees.
+A suite seed other than 0 drops the prompts of the held-out suite (suite seed 0 at 50 per category, what `blip3o
+eval geneval --per-category 50` scores), so settings are chosen on prompts the evaluation never sees. Single-object,
+two-object, counting and colors prompts all occur in it, so such a suite holds position, color_attr, text and dense.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from blip3o_next.models.autoregressive import SamplingConfig
 from blip3o_next.pipeline import Pipeline
 
 
-def validation_suite(per_category: int, suite_seed: int) -> tuple[list, list[int]]:
-    """The GenEval suite drawn with `suite_seed`, less any prompt of the held-out suite (suite seed 0) unless
-    `suite_seed` is 0."""
+def validation_suite(per_category: int, suite_seed: int, heldout_per_category: int = 50) -> tuple[list, list[int]]:
+    """The GenEval suite drawn with `suite_seed`, less any prompt of the held-out suite (suite seed 0,
+    `heldout_per_category` prompts per category) unless `suite_seed` is 0."""
     prompts, counts = geneval_suite(per_category, seed=suite_seed)
     if suite_seed == 0:
         return prompts, counts
-    heldout = {p.text for p in geneval_suite(per_category, seed=0)[0]}
+    heldout = {p.text for p in geneval_suite(heldout_per_category, seed=0)[0]}
     kept = [(p, n) for p, n in zip(prompts, counts) if p.text not in heldout]
     return [p for p, _ in kept], [n for _, n in kept]
 
@@ -56,6 +57,7 @@ def main() -> None:
                         help="AR sampling settings TEMPERATURE:ID_TEMPERATURE (temperature 0: greedy; id temperature 'none': one draw over all ids)")
     parser.add_argument("--per-category", type=int, default=50, help="prompts per category, as in `blip3o eval geneval`")
     parser.add_argument("--suite-seed", type=int, default=7, help="the suite's prompts (0: the held-out evaluation suite itself)")
+    parser.add_argument("--heldout-per-category", type=int, default=50, help="the held-out suite's size, whose prompts a validation suite drops")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="generation seeds, each scored on its own")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", help="also write the summaries here")
@@ -64,7 +66,7 @@ def main() -> None:
     pipe = Pipeline.from_pretrained(args.model)
     if not pipe.model.semantic:
         raise SystemExit(f"{args.model}: needs a semantic-blueprint model")
-    prompts, counts = validation_suite(args.per_category, args.suite_seed)
+    prompts, counts = validation_suite(args.per_category, args.suite_seed, args.heldout_per_category)
     print(f"{len(prompts)} prompts, {sum(counts)} blueprints per setting and seed")
     results = {}
     for setting in args.settings:
