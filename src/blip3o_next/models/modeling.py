@@ -77,7 +77,7 @@ class Blip3oNextConfig:
     temperature: float = 1.0
     # Semantic blueprints: the temperature of a token's id within its kind, drawn after the kind at `temperature`
     # (`autoregressive.kind_first_sample`; None: one draw over all ids). 0.5 in `tiny`: on prompts the evaluation
-    # never sees, its plans spell 0.75 of words right against 0.64 with one draw (docs/semantic_blueprint.md, "Sampling").
+    # never sees, its plans spell 0.71 of words right against 0.60 with one draw (docs/semantic_blueprint.md, "Sampling").
     id_temperature: float | None = None
     # What the diffusion model cross-attends to: "blueprint" (the AR hidden states over <S0> and the image
     # tokens, as in BLIP3o-NEXT) or "prompt" (the hidden states over the prompt only: the no-blueprint ablation).
