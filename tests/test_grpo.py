@@ -15,11 +15,11 @@ from blip3o_next.models.autoregressive import SamplingConfig, forced_blueprint, 
 from blip3o_next.cli import main
 from blip3o_next.training.grpo import Policy, group_advantages, grpo_loss, hidden_drift, policy_update, sample_rollouts, train_grpo
 from blip3o_next.training.grpo_config import GRPOConfig
-from blip3o_next.training.grpo_tasks import Rollouts, TextToImage, TrainingEdits, TrainingPrompts
+from blip3o_next.training.grpo_tasks import MixedItems, Rollouts, TextToImage, TrainingEdits, TrainingPrompts
 from blip3o_next.models.modeling import Blip3oNext
 from blip3o_next.pipeline import BUNDLED_MODELS, Pipeline
 from blip3o_next.training.rewards import (
-    DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, Completions, RewardFunction, Rewards, check_reward_weights, default_reward_funcs, weighted_rewards
+    DEFAULT_REWARD_WEIGHTS_BY_TASK, Completions, RewardFunction, Rewards, check_reward_weights, default_reward_funcs, weighted_rewards
 )
 from blip3o_next.models.semantic_blueprint import encode_scene
 from blip3o_next.shapeworld.edits import edit_suite, sample_edit
@@ -33,7 +33,7 @@ from blip3o_next.models.text_tokenizer import ImageVocab
 
 def _rewards(task: str, weights: dict, items: list, images=None, blueprints=None) -> Rewards:
     """The built-in rewards of `task` a run with `weights` computes, on one batch, as the trainer mixes them."""
-    merged = check_reward_weights(weights, DEFAULT_EDIT_REWARD_WEIGHTS if task == "edit" else DEFAULT_REWARD_WEIGHTS)
+    merged = check_reward_weights(weights, DEFAULT_REWARD_WEIGHTS_BY_TASK[task])
     return weighted_rewards(default_reward_funcs(task, merged), merged, Completions(items, images, blueprints))
 
 
@@ -70,7 +70,7 @@ def test_precision_reward_charges_each_extra_object_and_an_empty_canvas():
     r = _rewards("t2i", {"strict": 0.0, "partial": 0.0, "ocr": 0.0, "precision": 1.0}, [asked] * 4, images + [empty])
     assert r.parts["precision"].tolist() == pytest.approx([1.0, 2 / 3, 2 / 4, 0.0])
     assert r.total.tolist() == pytest.approx([1.0, 2 / 3, 2 / 4, 0.0])
-    assert DEFAULT_REWARD_WEIGHTS["precision"] == 0.0  # off unless a config asks for it
+    assert DEFAULT_REWARD_WEIGHTS_BY_TASK["t2i"]["precision"] == 0.0  # off unless a config asks for it
 
 
 def test_plan_rewards_on_hand_made_blueprints():
@@ -326,7 +326,9 @@ def test_training_edits_never_include_the_heldout_suite():
 
 
 def test_edit_grpo_needs_an_edit_model_and_edit_settings(tmp_path, base_dir):
-    with pytest.raises(ValueError, match="unknown categories"):
+    with pytest.raises(ValueError, match="edit_category_weights: unknown categories dense"):
+        GRPOConfig(task="edit", edit_category_weights={"dense": 1.0})
+    with pytest.raises(ValueError, match="task edit draws no text-to-image prompts, so it takes no category_weights"):
         GRPOConfig(task="edit", category_weights={"dense": 1.0})
     with pytest.raises(ValueError, match="task must be one of"):
         GRPOConfig(task="inpaint")
@@ -364,3 +366,73 @@ def test_reward_functions_are_mixed_by_name_and_checked():
         weighted_rewards([ones, ones], {}, batch)
     with pytest.raises(ValueError, match="reward short gave values of shape"):
         weighted_rewards([RewardFunction("short", lambda c: [1.0])], {}, batch)
+
+
+# ----------------------------------------------------------------------------- both at once (task mixed)
+
+
+def test_plan_rewards_score_each_item_as_what_it_is():
+    """One batch of a text-to-image prompt and an edit pair: the plan rewards check the prompt's blueprint against the
+    prompt and the edit's against its pair, so the right plans earn 1 and a copied source misses the edit."""
+    prompt = parse_prompt("a photo of a red circle and a blue star")
+    pair = sample_edit("move", np.random.default_rng(5))
+    scene = sample_scene_for(prompt, np.random.default_rng(0))
+    blueprints = np.array([encode_scene(scene), encode_scene(pair.target), encode_scene(pair.source)])
+    r = _rewards("mixed", {}, [prompt, pair, pair], None, blueprints)
+    assert set(r.parts) == {"plan", "plan_partial"}  # task mixed weighs the plan rewards alone, and reads no image
+    assert r.parts["plan"].tolist() == [1.0, 1.0, 0.0] and r.parts["plan_partial"][2] < 1.0
+    with pytest.raises(ValueError, match="unknown reward"):
+        GRPOConfig(task="mixed", reward_weights={"strict": 1.0})
+
+
+def test_mixed_steps_hold_prompts_and_edit_pairs_in_the_asked_share():
+    cfg = GRPOConfig(task="mixed", prompts_per_step=8, edit_fraction=0.75, edit_category_weights={"add": 1.0, "move": 1.0}, eval_per_category=0)
+    assert cfg.prompts_per_task == {"t2i": 2, "edit": 6}
+    items = MixedItems(cfg)
+    assert "edit_add" in items.categories and "position" in items.categories
+    drawn = items.draw(4, 8)
+    assert [type(x).__name__ for x in drawn] == ["Prompt"] * 2 + ["EditPair"] * 6
+    assert {p.spec.category for p in drawn[2:]} <= {"add", "move"}
+    assert [str(x) for x in drawn] == [str(x) for x in MixedItems(cfg).draw(4, 8)]  # same on resume
+    with pytest.raises(ValueError, match="both kinds of prompt in every step"):
+        GRPOConfig(task="mixed", prompts_per_step=2, edit_fraction=0.9)
+    with pytest.raises(ValueError, match="task t2i draws no edit pairs"):
+        GRPOConfig(edit_category_weights={"add": 1.0})
+
+
+def test_one_mixed_grpo_step_on_the_bundled_model_tunes_its_ar_side_on_both_tasks(tmp_path, base_dir):
+    """Task mixed samples both kinds of blueprint in one step, renders nothing, logs each category under its task,
+    and tunes the AR side alone; a VQ model (no plans to score) is refused."""
+    cfg = GRPOConfig(task="mixed", init_from="tiny", output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, num_generations=3,
+                     lr=1e-3, eval_per_category=0, checkpoint_every=1)
+    out = train_grpo(cfg)
+    before = Blip3oNext.from_pretrained(BUNDLED_MODELS["tiny"], torch_dtype=torch.float32).state_dict()
+    after = Blip3oNext.from_pretrained(out / "final", torch_dtype=torch.float32).state_dict()
+    assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"ar", "image_embedding"}
+    (row,) = _metrics(out)
+    assert {"reward_plan", "reward_plan_partial"} <= set(row) and not {"reward_strict", "reward_success"} & set(row)
+    assert any(k.startswith("reward_edit_") for k in row) and float(row["kl"]) == 0.0
+    with pytest.raises(ValueError, match="task mixed needs a model trained to edit"):
+        train_grpo(dataclasses.replace(cfg, init_from=str(base_dir), output_dir=str(tmp_path / "vq")))
+
+
+def test_a_mixed_batch_is_read_without_the_padding_of_its_longer_prompts():
+    """Rollouts of a mixed step: the prompts' and the edits' blueprints in one left-padded batch. The policy reads each
+    run of equally long prompts with its padding cut off, and gets the states that one padded pass gives."""
+    from blip3o_next.training.grpo import prompt_runs
+    from blip3o_next.training.grpo_tasks import Mixed
+
+    pipe = Pipeline.from_pretrained("tiny")
+    model = pipe.model
+    cfg = GRPOConfig(task="mixed", prompts_per_step=2, num_generations=2, eval_per_category=0)
+    task = Mixed(cfg)
+    items = [item for item in task.training.draw(0, 2) for _ in range(2)]
+    ids, mask, codes = task.plans(pipe, items, SamplingConfig(temperature=1.0, top_k=0, top_p=1.0), torch.Generator().manual_seed(0))
+    lengths = mask.sum(1).tolist()
+    assert lengths[0] == lengths[1] < lengths[2] == lengths[3] == ids.shape[1]  # the prompt's rows padded to the edit's length
+    assert prompt_runs(mask) == [slice(0, 2), slice(2, 4)]
+    with torch.no_grad():
+        logp, hidden = Policy(model.ar, model.image_embedding).token_logprobs(model.image_vocab, ids, mask, codes)
+        padded = forced_blueprint(model.ar, model.image_vocab, ids, mask, codes, model.image_embedding).hidden_states
+    torch.testing.assert_close(hidden, padded, atol=1e-4, rtol=1e-4)
+    assert logp.shape == codes.shape and torch.isfinite(logp).all()

@@ -49,3 +49,13 @@ def image_grid(
             for k, line in enumerate(textwrap.wrap(label, chars)[:caption_lines]):
                 draw.text((x + border, y + tile + 2 * border + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def stack_vertically(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
+    """Images one above the other on white, left-aligned (e.g. two grids of different widths)."""
+    canvas = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images) + gap * (len(images) - 1)), (255, 255, 255))
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height + gap
+    return canvas

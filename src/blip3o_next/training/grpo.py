@@ -22,7 +22,9 @@ blueprint for the renderer (`Blip3oNext.add_reader`), so the policy's updates ne
 from the data engine (never one of the held-out ImgEdit suite), the frozen diffusion model renders each edit
 blueprint with the reference image's latents, and the edit rewards score the outputs against the pair's source and
 target (rewards.EDIT_REWARDS). A semantic edit model can be scored on its edit plans instead, again with no
-diffusion. The two tasks (their training items, rendering and evaluation) are `grpo_tasks.py`'s; the settings are
+diffusion. `task: mixed` puts text-to-image prompts and edit pairs in every step (`edit_fraction`) for a semantic
+model whose one AR model does both, scored on their plans: what one task gains is not then undone by a run on the
+other. The tasks (their training items, rendering and evaluation) are `grpo_tasks.py`'s; the settings are
 `grpo_config.py`'s.
 
 Why not TRL's GRPOTrainer: it samples completions with `generate` over the whole vocabulary and hands the reward
@@ -80,13 +82,28 @@ class Policy(torch.nn.Module):
         `temperature`; semantic ids get the embedding's exact hierarchy (`SemanticEmbedding.log_probs`, at
         temperature 1), without the sampler's constraint: the constraint removes only overlapping or overhanging
         shapes, and its normaliser would need every id's probability at every position."""
-        hidden = forced_blueprint(self.ar, vocab, input_ids, attention_mask, codes, self.embedding).hidden_states
+        runs = [self._forced_hidden(vocab, input_ids[rows], attention_mask[rows], codes[rows]) for rows in prompt_runs(attention_mask)]
+        hidden = torch.cat(runs)
         before = hidden[:, :-1]  # <S0>..c_{n-1} predict c_1..c_n
         if self.embedding is not None:
             positions = torch.arange(codes.shape[1], device=codes.device).expand_as(codes)
             return self.embedding.log_probs(before, codes, positions), hidden
         logits = self.ar.lm_head(before)[..., vocab.image_offset : vocab.vocab_end].float() / temperature
         return logits.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1), hidden
+
+    def _forced_hidden(self, vocab: ImageVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The hidden states over the blueprint of rows whose prompts are equally long, their padding cut off."""
+        length = int(attention_mask.sum(1).max())
+        return forced_blueprint(self.ar, vocab, input_ids[:, -length:], attention_mask[:, -length:], codes, self.embedding).hidden_states
+
+
+def prompt_runs(attention_mask: torch.Tensor) -> list[slice]:
+    """The runs of consecutive rows whose prompts hold the same number of tokens (a group's rollouts repeat one
+    prompt). Each run is read apart with its left padding cut off, so a batch that mixes short text-to-image
+    prompts with edits (instruction and reference blueprint, about 3x longer) pays for no padding."""
+    lengths = attention_mask.sum(1).tolist()
+    starts = [0, *(i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]), len(lengths)]
+    return [slice(a, b) for a, b in zip(starts, starts[1:])]
 
 
 def hidden_drift(hidden: torch.Tensor, reference: torch.Tensor) -> float:
@@ -233,11 +250,17 @@ def check_model_fits(model, task: GRPOTask, cfg: GRPOConfig, reward_funcs: Seque
     if not reward_funcs:
         raise InputError("GRPO needs at least one reward function")
     if task.edits and not model.config.editing:
-        raise InputError(f"task edit needs a model trained to edit (edit SFT); {cfg.init_from} is not")
+        raise InputError(f"task {cfg.task} needs a model trained to edit (edit SFT); {cfg.init_from} is not")
+    if cfg.task == "mixed" and not (model.semantic and model.edit_ar is None):
+        raise InputError(f"task mixed trains one AR model that writes semantic blueprints for both tasks; {cfg.init_from} "
+                         + ("has a separate edit AR model" if model.semantic else "writes VQ codes"))
     if model.semantic and cfg.temperature != 1.0:
         raise InputError(f"{cfg.init_from} writes semantic blueprints, whose exact log-probs are at temperature 1; got temperature {cfg.temperature}")
     if cfg.reader and model.edit_ar is not None:
         raise InputError(f"{cfg.init_from} has a separate edit AR model; a reader re-reads what `ar` writes, so set reader: false")
+    images = [f.name for f in reward_funcs if f.reads == "images"]
+    if cfg.task == "mixed" and images:
+        raise InputError(f"task mixed scores plans alone, so its rewards read blueprints; {', '.join(images)} read images")
     plans = [f.name for f in reward_funcs if f.reads == "blueprints"]
     if not model.semantic and plans:
         raise InputError(f"{', '.join(plans)} read semantic blueprints; {cfg.init_from} writes VQ codes (set their weights to 0)")
@@ -252,7 +275,7 @@ def grpo_step(
         rollouts = sample_rollouts(pipe, task, items, cfg, generator, render=any(f.reads == "images" for f in reward_funcs))
     rewards = weighted_rewards(reward_funcs, cfg.reward_weights, task.completions(rollouts))
     stats = policy_update(policy, reference, pipe.model.image_vocab, rollouts, rewards.total, optimizer, params, cfg)
-    categories = np.array([item.category for item in rollouts.items])
+    categories = np.array([task.label(item) for item in rollouts.items])
     return {
         "reward": rewards.total.mean().item(),
         **{f"reward_{name}": value for name, value in rewards.means().items()},

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from ..shapeworld.edits import EDIT_CATEGORIES
 from ..shapeworld.prompts import CATEGORIES, COMPOSITION
 from .config import RunConfig, redefault
-from .rewards import DEFAULT_EDIT_REWARD_WEIGHTS, DEFAULT_REWARD_WEIGHTS, check_reward_weights
+from .rewards import DEFAULT_REWARD_WEIGHTS_BY_TASK, check_reward_weights
 
 
 PROMPT_SOURCES = (*CATEGORIES, COMPOSITION)
-TASKS = ("t2i", "edit")
+TASKS = tuple(DEFAULT_REWARD_WEIGHTS_BY_TASK)  # t2i, edit, mixed
 
 
 @dataclass
@@ -30,7 +30,12 @@ class GRPOConfig(RunConfig):
     seed: int = redefault("seed", 0, "seeds the prompt draws and the rollouts")
     checkpoint_every: int = redefault("checkpoint_every", 10)
 
-    task: str = field(default="t2i", metadata={"help": "t2i: text-to-image prompts and the AR model; edit: edit pairs and an edit model's edit AR model"})
+    task: str = field(
+        default="t2i",
+        metadata={"help": "t2i: text-to-image prompts and the AR model; edit: edit pairs and an edit model's edit AR model; mixed: both in "
+                          "every step, on the one AR model of a semantic model that generates and edits, scored on their plans"},
+    )
+    edit_fraction: float = field(default=0.5, metadata={"help": "task mixed: share of each step's prompts that are edit pairs (the rest text to image)"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per step"})
     num_generations: int = field(default=16, metadata={"help": "blueprints sampled per prompt (the group; official 16)"})
     beta: float = field(default=0.001, metadata={"help": "KL coefficient to the frozen reference (official 0.001)"})
@@ -42,12 +47,16 @@ class GRPOConfig(RunConfig):
     guidance_scale: float | None = field(default=None, metadata={"help": "CFG scale of the rollouts (default: the model's)"})
     reward_weights: dict[str, float] | None = field(
         default=None,
-        metadata={"help": f"weights of the built-in rewards {', '.join(DEFAULT_REWARD_WEIGHTS)} (t2i) or {', '.join(DEFAULT_EDIT_REWARD_WEIGHTS)} (edit); "
-                          "unset ones keep their defaults (rewards.py)"},
+        metadata={"help": "weights of the built-in rewards: "
+                          + "; ".join(f"{', '.join(w)} ({task})" for task, w in DEFAULT_REWARD_WEIGHTS_BY_TASK.items())
+                          + "; unset ones keep their defaults (rewards.py)"},
     )
     category_weights: dict[str, float] | None = field(
         default=None,
-        metadata={"help": f"training mix over the categories and {COMPOSITION} (t2i) or the edit categories (default: every one with prompts left, equally)"},
+        metadata={"help": f"text-to-image prompts (t2i, mixed): the mix over the categories and {COMPOSITION} (default: every one with prompts left, equally)"},
+    )
+    edit_category_weights: dict[str, float] | None = field(
+        default=None, metadata={"help": "edit pairs (edit, mixed): the mix over the edit categories, keep included (default: all 9 equally)"}
     )
     heldout_per_category: int = field(default=50, metadata={"help": "the evaluation suite excluded from training: prompts (or edit pairs) per category"})
     heldout_suite_seed: int = field(default=0, metadata={"help": "... and its seed (the same as `blip3o eval geneval/imgedit --suite-seed`)"})
@@ -68,9 +77,22 @@ class GRPOConfig(RunConfig):
             raise ValueError("need temperature > 0, lr > 0, beta >= 0 and 0 < epsilon < 1")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        edits = self.task == "edit"
-        self.reward_weights = check_reward_weights(self.reward_weights or {}, DEFAULT_EDIT_REWARD_WEIGHTS if edits else DEFAULT_REWARD_WEIGHTS)
-        sources = EDIT_CATEGORIES if edits else PROMPT_SOURCES
-        unknown = sorted(set(self.category_weights or {}) - set(sources))
-        if unknown:
-            raise ValueError(f"unknown categories {', '.join(unknown)}; choose from {', '.join(sources)}")
+        if not 0 < self.edit_fraction < 1:
+            raise ValueError(f"edit_fraction must be in (0, 1), got {self.edit_fraction}")
+        self.reward_weights = check_reward_weights(self.reward_weights or {}, DEFAULT_REWARD_WEIGHTS_BY_TASK[self.task])
+        for name, sources, task in (("category_weights", PROMPT_SOURCES, "edit"), ("edit_category_weights", EDIT_CATEGORIES, "t2i")):
+            weights = getattr(self, name) or {}
+            if weights and self.task == task:
+                raise ValueError(f"task {task} draws no {'text-to-image prompts' if task == 'edit' else 'edit pairs'}, so it takes no {name}")
+            unknown = sorted(set(weights) - set(sources))
+            if unknown:
+                raise ValueError(f"{name}: unknown categories {', '.join(unknown)}; choose from {', '.join(sources)}")
+        if self.task == "mixed" and 0 in self.prompts_per_task.values():
+            raise ValueError(f"task mixed needs both kinds of prompt in every step; prompts_per_step {self.prompts_per_step} at "
+                             f"edit_fraction {self.edit_fraction} gives {self.prompts_per_task}")
+
+    @property
+    def prompts_per_task(self) -> dict[str, int]:
+        """How many of each step's `prompts_per_step` are text-to-image prompts and how many edit pairs."""
+        edits = {"t2i": 0, "edit": self.prompts_per_step, "mixed": round(self.prompts_per_step * self.edit_fraction)}[self.task]
+        return {"t2i": self.prompts_per_step - edits, "edit": edits}

@@ -1,7 +1,8 @@
-"""GRPO's two tasks. Each names where its training items come from (data-engine prompts or edit pairs, never one of
-the held-out evaluation suite), how its rollouts are rendered or planned, what reward functions read of them
-(`completions`; the functions themselves are rewards.py's, passed to the trainer), and its evaluation before and after
-RL (GenEval or ImgEdit on the held-out suite, a markdown table, a grid of the same items)."""
+"""GRPO's tasks: text to image, editing, and both at once (mixed). Each names where its training items come from
+(data-engine prompts or edit pairs, never one of the held-out evaluation suite), how its rollouts are rendered or
+planned, what reward functions read of them (`completions`; the functions themselves are rewards.py's, passed to the
+trainer), and its evaluation before and after RL (GenEval or ImgEdit on the held-out suite, a markdown table, a grid of
+the same items)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class TrainingEdits:
     def __init__(self, cfg: GRPOConfig):
         self.heldout = {_edit_key(p) for p in edit_suite(cfg.heldout_per_category, seed=cfg.heldout_suite_seed)}
         self.seed = cfg.seed
-        self.categories, self.probabilities = _category_mix(cfg.category_weights or {c: 1.0 for c in EDIT_CATEGORIES}, lambda c: True)
+        self.categories, self.probabilities = _category_mix(cfg.edit_category_weights or {c: 1.0 for c in EDIT_CATEGORIES}, lambda c: True)
 
     def draw(self, step: int, n: int) -> list[EditPair]:
         rng = np.random.default_rng([self.seed, 8, step])
@@ -135,6 +136,11 @@ class TextToImage:
         """The AR inputs and the blueprints sampled after them, nothing rendered."""
         ids, mask = pipe.tokenize([p.text for p in prompts])
         return ids, mask, pipe.written_blueprint(ids, mask, sampling, generator).codes
+
+    @staticmethod
+    def label(prompt: Prompt) -> str:
+        """The category a rollout's reward is logged under."""
+        return prompt.category
 
     def completions(self, rollouts: Rollouts) -> Completions:
         """What the reward functions score: each prompt's requirement, its image (if rendered) and its blueprint."""
@@ -202,6 +208,11 @@ class Editing:
         ids, mask = inputs.input_ids, inputs.attention_mask
         return ids, mask, pipe.written_blueprint(ids, mask, sampling, generator, edits=True).codes
 
+    @staticmethod
+    def label(pair: EditPair) -> str:
+        """The category a rollout's reward is logged under."""
+        return pair.spec.category
+
     def completions(self, rollouts: Rollouts) -> Completions:
         """What the reward functions score: each edit pair, its output (if rendered) and its edit blueprint."""
         return Completions(rollouts.items, rollouts.images, rollouts.codes.cpu().numpy(), self.parser)
@@ -249,8 +260,82 @@ class Editing:
         return _before_after_grid(cells, rows_b, rows_a, "instruction", columns=3)
 
 
-GRPOTask = TextToImage | Editing
+class MixedItems:
+    """Each step's text-to-image prompts and edit pairs (`GRPOConfig.prompts_per_task`), each drawn as its own task
+    draws them."""
+
+    def __init__(self, cfg: GRPOConfig):
+        self.prompts, self.edits = TrainingPrompts(cfg), TrainingEdits(cfg)
+        self.counts = cfg.prompts_per_task
+        self.categories = [*self.prompts.categories, *(f"edit_{c}" for c in self.edits.categories)]
+
+    def draw(self, step: int, n: int) -> list[Prompt | EditPair]:
+        if n != sum(self.counts.values()):
+            raise ValueError(f"{n} prompts asked of a step of {self.counts}")
+        return [*self.prompts.draw(step, self.counts["t2i"]), *self.edits.draw(step, self.counts["edit"])]
+
+
+def _left_padded(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded AR inputs and masks of several batches stacked into one, padded on the left to the longest."""
+    length = max(ids.shape[1] for ids, _ in rows)
+    pad = lambda t, value: torch.nn.functional.pad(t, (length - t.shape[1], 0), value=value)  # noqa: E731
+    return torch.cat([pad(ids, pad_id) for ids, _ in rows]), torch.cat([pad(mask, 0) for _, mask in rows])
+
+
+class Mixed:
+    """GRPO on text to image and editing at once, for a semantic model whose one AR model both generates and edits:
+    every step holds prompts of both, each group scored by the plan rewards as what it is (rewards.PLAN_REWARDS), so
+    neither task's gains are paid for by the other's, as they are when a run on one follows a run on the other. The
+    evaluation is both GenEval and ImgEdit on their held-out suites."""
+
+    edits = True  # the model must edit
+
+    def __init__(self, cfg: GRPOConfig):
+        self.t2i, self.editing = TextToImage(cfg), Editing(cfg)
+        self.training = MixedItems(cfg)
+
+    @staticmethod
+    def render(pipe, items: list, **options: Any):
+        raise ValueError("task mixed scores plans alone; set the weights of rewards that read images to 0")
+
+    def plans(self, pipe, items: list, sampling: SamplingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts' and the edits' blueprints, each sampled as its task samples them (apart, so that no prompt is
+        padded to an edit's length), and their AR inputs in one left-padded batch, in the items' order."""
+        is_edit = [isinstance(item, EditPair) for item in items]
+        if is_edit != sorted(is_edit):
+            raise ValueError("a mixed batch lists its text-to-image prompts first, then its edit pairs")
+        split = is_edit.index(True) if any(is_edit) else len(items)
+        parts = [task.plans(pipe, part, sampling, generator) for task, part in ((self.t2i, items[:split]), (self.editing, items[split:])) if part]
+        ids, mask = _left_padded([(ids, mask) for ids, mask, _ in parts], pipe.model.tokenizer.pad_token_id)
+        return ids, mask, torch.cat([codes for _, _, codes in parts])
+
+    @staticmethod
+    def label(item: Prompt | EditPair) -> str:
+        """The category a rollout's reward is logged under; edits' carry `edit_` (both have a text category)."""
+        return f"edit_{item.spec.category}" if isinstance(item, EditPair) else item.category
+
+    def completions(self, rollouts: Rollouts) -> Completions:
+        """Each item (a prompt's requirement or an edit pair) and its blueprint; nothing is rendered."""
+        items = [item if isinstance(item, EditPair) else item.requirement for item in rollouts.items]
+        return Completions(items, None, rollouts.codes.cpu().numpy(), self.t2i.parser)
+
+    def evaluate(self, pipe, cfg: GRPOConfig) -> dict:
+        """GenEval and ImgEdit on their held-out suites (`eval_per_category` prompts, and edit pairs, per category)."""
+        return {"geneval": self.t2i.evaluate(pipe, cfg), "imgedit": self.editing.evaluate(pipe, cfg)}
+
+    def table(self, before: dict, after: dict) -> str:
+        return "\n\n".join([f"Text to image (GenEval):\n\n{self.t2i.table(before['geneval'], after['geneval'])}",
+                             f"Editing (ImgEdit):\n\n{self.editing.table(before['imgedit'], after['imgedit'])}"])
+
+    def grid(self, before_pipe, after_pipe, cfg: GRPOConfig):
+        """The text-to-image grid above the edit grid."""
+        from ..viz import stack_vertically
+
+        return stack_vertically([self.t2i.grid(before_pipe, after_pipe, cfg), self.editing.grid(before_pipe, after_pipe, cfg)])
+
+
+GRPOTask = TextToImage | Editing | Mixed
 
 
 def make_task(cfg: GRPOConfig) -> GRPOTask:
-    return Editing(cfg) if cfg.task == "edit" else TextToImage(cfg)
+    return {"t2i": TextToImage, "edit": Editing, "mixed": Mixed}[cfg.task](cfg)

@@ -30,6 +30,9 @@ Editing (`EDIT_REWARDS`), scored against the edit pair's source:
                   where nothing outside the edit is left to compare;
     plan, plan_partial  the same check of the edit blueprint decoded to its scene (no diffusion, no verifier).
 
+Both at once (task mixed, `PLAN_REWARDS`): plan and plan_partial, each item checked as what it is (a text-to-image
+prompt's blueprint against its prompt, an edit blueprint against its pair), so one function scores a batch of both.
+
 The total is the weighted sum (a NaN counts 0). Any callable `f(completions) -> values` can join the list
 (`as_reward_function` names it after `f.__name__` and assumes it reads images).
 """
@@ -53,6 +56,8 @@ from ..shapeworld.render import render
 
 DEFAULT_REWARD_WEIGHTS = {"strict": 1.0, "partial": 1.0, "ocr": 1.0, "precision": 0.0, "plan": 0.0, "plan_partial": 0.0}
 DEFAULT_EDIT_REWARD_WEIGHTS = {"success": 1.0, "partial": 1.0, "consistency": 0.5, "plan": 0.0, "plan_partial": 0.0}
+DEFAULT_MIXED_REWARD_WEIGHTS = {"plan": 1.0, "plan_partial": 1.0}
+DEFAULT_REWARD_WEIGHTS_BY_TASK = {"t2i": DEFAULT_REWARD_WEIGHTS, "edit": DEFAULT_EDIT_REWARD_WEIGHTS, "mixed": DEFAULT_MIXED_REWARD_WEIGHTS}
 CONSISTENCY_PSNR_RANGE = (20.0, 40.0)  # dB mapped to a consistency reward of 0 and 1
 
 
@@ -92,18 +97,22 @@ class Completions:
         return [check_t2i(req, scene) for req, scene in zip(self.items, self.scenes)]
 
     @cached_property
-    def plan_checks(self) -> list[T2IResult]:
-        return [plan_score(ids, req) for req, ids in zip(self.items, self._given("blueprints"))]
+    def plan_checks(self) -> list[T2IResult | EditResult]:
+        """Each blueprint decoded to its scene and checked as what its item asks: a text-to-image prompt's scene, or
+        the output of an edit pair's edit."""
+        return [_edit_plan_check(item, ids) if isinstance(item, EditPair) else plan_score(ids, item)
+                for item, ids in zip(self.items, self._given("blueprints"))]
 
     @cached_property
     def edit_checks(self) -> list[EditResult]:
         return [check_edit(p.source, p.spec, scene, render(p.source), out, p.target) for p, scene, out in zip(self.items, self.scenes, self.images)]
 
-    @cached_property
-    def edit_plan_checks(self) -> list[EditResult]:
-        """Each edit blueprint decoded to its scene and checked as an output of its pair's edit."""
-        plans = [decode_tokens(ids) for ids in self._given("blueprints")]
-        return [check_edit(p.source, p.spec, plan, render(p.source), render(plan), p.target) for p, plan in zip(self.items, plans)]
+
+
+def _edit_plan_check(pair: EditPair, blueprint: np.ndarray) -> EditResult:
+    """An edit blueprint decoded to its scene and checked as an output of the pair's edit."""
+    plan = decode_tokens(blueprint)
+    return check_edit(pair.source, pair.spec, plan, render(pair.source), render(plan), pair.target)
 
 
 @dataclass(frozen=True)
@@ -143,21 +152,24 @@ def consistency_reward(psnr: float | None) -> float:
     return float(np.clip((psnr - low) / (high - low), 0.0, 1.0))
 
 
+PLAN_REWARDS = (
+    RewardFunction("plan", _checked("plan_checks", "passed"), reads="blueprints"),
+    RewardFunction("plan_partial", _checked("plan_checks", "partial"), reads="blueprints"),
+)
 T2I_REWARDS = (
     RewardFunction("strict", _checked("t2i_checks", "passed")),
     RewardFunction("partial", _checked("t2i_checks", "partial")),
     RewardFunction("ocr", _checked("t2i_checks", "ocr")),
     RewardFunction("precision", _checked("t2i_checks", "precision")),
-    RewardFunction("plan", _checked("plan_checks", "passed"), reads="blueprints"),
-    RewardFunction("plan_partial", _checked("plan_checks", "partial"), reads="blueprints"),
+    *PLAN_REWARDS,
 )
 EDIT_REWARDS = (
     RewardFunction("success", _checked("edit_checks", "passed")),
     RewardFunction("partial", _checked("edit_checks", "partial")),
     RewardFunction("consistency", lambda completions: [consistency_reward(r.psnr) for r in completions.edit_checks]),
-    RewardFunction("plan", _checked("edit_plan_checks", "passed"), reads="blueprints"),
-    RewardFunction("plan_partial", _checked("edit_plan_checks", "partial"), reads="blueprints"),
+    *PLAN_REWARDS,
 )
+REWARDS_BY_TASK = {"t2i": T2I_REWARDS, "edit": EDIT_REWARDS, "mixed": PLAN_REWARDS}
 
 
 def check_reward_weights(weights: Mapping[str, float], defaults: Mapping[str, float] = DEFAULT_REWARD_WEIGHTS) -> dict[str, float]:
@@ -172,9 +184,9 @@ def check_reward_weights(weights: Mapping[str, float], defaults: Mapping[str, fl
 
 
 def default_reward_funcs(task: str, weights: Mapping[str, float]) -> list[RewardFunction]:
-    """The task's (t2i or edit) built-in rewards a run computes: every one reading what a weighed one makes the run
-    produce (rendered images, or blueprints alone), weighed or not, so that the others are logged for free."""
-    funcs = EDIT_REWARDS if task == "edit" else T2I_REWARDS
+    """The task's (t2i, edit or mixed) built-in rewards a run computes: every one reading what a weighed one makes the
+    run produce (rendered images, or blueprints alone), weighed or not, so that the others are logged for free."""
+    funcs = REWARDS_BY_TASK[task]
     reads = {f.reads for f in funcs if weights.get(f.name, 0.0) > 0}
     return [f for f in funcs if f.reads in reads]
 
