@@ -100,7 +100,7 @@ class Policy(torch.nn.Module):
 def prompt_runs(attention_mask: torch.Tensor) -> list[slice]:
     """The runs of consecutive rows whose prompts hold the same number of tokens (a group's rollouts repeat one
     prompt). Each run is read apart with its left padding cut off, so a batch that mixes short text-to-image
-    prompts with edits (instruction and reference blueprint, about 3x longer) pays for no padding."""
+    prompts with edits (instruction and reference blueprint, about 10x longer) pays for no padding."""
     lengths = attention_mask.sum(1).tolist()
     starts = [0, *(i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]), len(lengths)]
     return [slice(a, b) for a, b in zip(starts, starts[1:])]

@@ -211,7 +211,7 @@ class Editing:
     @staticmethod
     def label(pair: EditPair) -> str:
         """The category a rollout's reward is logged under."""
-        return pair.spec.category
+        return pair.category
 
     def completions(self, rollouts: Rollouts) -> Completions:
         """What the reward functions score: each edit pair, its output (if rendered) and its edit blueprint."""
@@ -304,7 +304,7 @@ class Mixed:
         is_edit = [isinstance(item, EditPair) for item in items]
         if is_edit != sorted(is_edit):
             raise ValueError("a mixed batch lists its text-to-image prompts first, then its edit pairs")
-        split = is_edit.index(True) if any(is_edit) else len(items)
+        split = is_edit.count(False)
         parts = [task.plans(pipe, part, sampling, generator) for task, part in ((self.t2i, items[:split]), (self.editing, items[split:])) if part]
         ids, mask = _left_padded([(ids, mask) for ids, mask, _ in parts], pipe.model.tokenizer.pad_token_id)
         return ids, mask, torch.cat([codes for _, _, codes in parts])
@@ -312,7 +312,7 @@ class Mixed:
     @staticmethod
     def label(item: Prompt | EditPair) -> str:
         """The category a rollout's reward is logged under; edits' carry `edit_` (both have a text category)."""
-        return f"edit_{item.spec.category}" if isinstance(item, EditPair) else item.category
+        return f"edit_{item.category}" if isinstance(item, EditPair) else item.category
 
     def completions(self, rollouts: Rollouts) -> Completions:
         """Each item (a prompt's requirement or an edit pair) and its blueprint; nothing is rendered."""

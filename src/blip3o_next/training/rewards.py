@@ -108,7 +108,6 @@ class Completions:
         return [check_edit(p.source, p.spec, scene, render(p.source), out, p.target) for p, scene, out in zip(self.items, self.scenes, self.images)]
 
 
-
 def _edit_plan_check(pair: EditPair, blueprint: np.ndarray) -> EditResult:
     """An edit blueprint decoded to its scene and checked as an output of the pair's edit."""
     plan = decode_tokens(blueprint)
