@@ -24,9 +24,11 @@ from conftest import final_state, pretrain_config
 ROOT = Path(__file__).parents[1]
 LAUNCH_CONFIG = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
 STOP_AFTER = """import sys
+from blip3o_next.runtime import end_process_group
 from blip3o_next.training.config import TrainConfig
 from blip3o_next.training.trainer import train
 train(TrainConfig.from_yaml(sys.argv[1]), stop_after=int(sys.argv[2]))
+end_process_group()  # as the CLI does at exit
 """
 
 

@@ -18,7 +18,7 @@ from .commands import (
     cmd_serve, cmd_train,
 )
 from .fileio import InputError
-from .runtime import keep_freed_memory
+from .runtime import end_process_group, keep_freed_memory
 
 MAX_STEPS = 1000  # diffusion steps; the sampler converges in tens, so more only burns time (the server caps at 100)
 
@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blip3o: interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import ctypes.util
 import os
 import sys
 
+import torch.distributed as dist
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -35,3 +37,14 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def end_process_group() -> None:
+    """Tear down the process group a multi-process launch (`accelerate launch`) started, on every process.
+
+    Left to the interpreter's exit, gloo's threads can outlive the store the main process hosts, and a process then
+    aborts ("terminate called without an active exception") after its work is done, failing the whole launch.
+    A no-op in a single process.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
