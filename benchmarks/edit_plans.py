@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="bundled model name or checkpoint folder (a semantic model trained to edit)")
     parser.add_argument("--settings", nargs="+", default=["0:none", "1:none", "1:0.3"],
-                        help="AR sampling settings TEMPERATURE:ID_TEMPERATURE (temperature 0: greedy; id temperature 'none': one draw over all ids)")
+                        help="AR sampling settings TEMPERATURE:ID_TEMPERATURE[:BEST_OF], as in t2i_plans.py (temperature 0: greedy; id temperature 'none': one draw over all ids)")
     parser.add_argument("--per-category", type=int, default=30, help="edit pairs per category, as in `blip3o eval imgedit`")
     parser.add_argument("--suite-seed", type=int, default=0, help="the suite's edit pairs (0: the held-out imgedit suite itself)")
     parser.add_argument("--seed", type=int, default=0)

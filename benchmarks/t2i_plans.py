@@ -1,8 +1,8 @@
 """Text-to-image plan score of a semantic-blueprint model at several AR sampling settings: the blueprints it writes
 for a GenEval-ShapeWorld suite, decoded and checked against each prompt (no diffusion; about 40 s a setting and
-seed). Picks the model's `temperature` and `id_temperature` (`autoregressive.kind_first_sample`).
+seed). Picks the model's `temperature`, `id_temperature` (`autoregressive.kind_first_sample`) and `best_of`.
 
-    python benchmarks/t2i_plans.py --settings 1:none 1:0.5 1:0.3 --suite-seed 7 --seeds 0 100 200
+    python benchmarks/t2i_plans.py --settings 1:none 1:0.5 1:0.3 1:0.5:8 --suite-seed 7 --seeds 0 100 200
 
 A suite seed other than 0 drops the prompts of the held-out suite (suite seed 0 at 50 per category, what `blip3o
 eval geneval --per-category 50` scores), so settings are chosen on prompts the evaluation never sees. Single-object,
@@ -44,17 +44,19 @@ def t2i_plans(pipe: Pipeline, prompts: list, counts: list[int], sampling: Sampli
 
 
 def parse_setting(setting: str) -> SamplingConfig:
-    """TEMPERATURE:ID_TEMPERATURE ('none': one draw over all ids) -> sampling without truncation."""
-    temperature, id_temperature = setting.split(":")
+    """TEMPERATURE:ID_TEMPERATURE[:BEST_OF] ('none': one draw over all ids; BEST_OF blueprints sampled, the most
+    likely kept, default 1) -> sampling without truncation."""
+    temperature, id_temperature, best_of = (setting.split(":") + ["1"])[:3]
     return SamplingConfig(temperature=float(temperature), top_k=0, top_p=1.0,
-                          id_temperature=None if id_temperature == "none" else float(id_temperature))
+                          id_temperature=None if id_temperature == "none" else float(id_temperature), best_of=int(best_of))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="bundled model name or checkpoint folder (a semantic-blueprint model)")
     parser.add_argument("--settings", nargs="+", default=["1:none", "1:0.5", "0:none"],
-                        help="AR sampling settings TEMPERATURE:ID_TEMPERATURE (temperature 0: greedy; id temperature 'none': one draw over all ids)")
+                        help="AR sampling settings TEMPERATURE:ID_TEMPERATURE[:BEST_OF] (temperature 0: greedy; id temperature 'none': one draw "
+                             "over all ids; BEST_OF: blueprints sampled per image, the most likely kept)")
     parser.add_argument("--per-category", type=int, default=50, help="prompts per category, as in `blip3o eval geneval`")
     parser.add_argument("--suite-seed", type=int, default=7, help="the suite's prompts (0: the held-out evaluation suite itself)")
     parser.add_argument("--heldout-per-category", type=int, default=50, help="the held-out suite's size, whose prompts a validation suite drops")
@@ -72,7 +74,7 @@ def main() -> None:
     for setting in args.settings:
         for seed in args.seeds:
             results[f"{setting}@{seed}"] = summary = t2i_plans(pipe, prompts, counts, parse_setting(setting), seed, args.batch_size)
-            print(f"plan score at {setting} (temperature:id_temperature), seed {seed}:")
+            print(f"plan score at {setting} (temperature:id_temperature[:best_of]), seed {seed}:")
             print(format_t2i_table(summary))
     if args.json:
         with open(args.json, "w") as f:

@@ -26,12 +26,12 @@ from blip3o_next.models.image_tokenizer import images_to_tensor
 from blip3o_next.models.modeling import Blip3oNext, enable_glyphs
 from blip3o_next.pipeline import Pipeline
 from blip3o_next.models.semantic_blueprint import DEFAULT_VOCAB, TokenKind, decode_tokens, encode_scene, glyph_ink, preview
-from blip3o_next.models.semantic_embedding import MIN_SPACE, SemanticEmbedding, token_log_probs
+from blip3o_next.models.semantic_embedding import MIN_SPACE, SemanticEmbedding, token_log_probs, word_centre_band
 from blip3o_next.models.semantic_encoder import SemanticEncoder
 from blip3o_next.shapeworld.dataset import t2i_samples
 from blip3o_next.shapeworld.sampler import sample_scene
 from blip3o_next.shapeworld.render import make_text, render
-from blip3o_next.shapeworld.world import Scene, ShapeObject
+from blip3o_next.shapeworld.world import MARGIN, Scene, ShapeObject
 from blip3o_next.training.checkpoints import latest_checkpoint
 from blip3o_next.training.config import TrainConfig
 from blip3o_next.training.trainer import train
@@ -114,6 +114,26 @@ def test_the_sampler_constraint_keeps_every_true_blueprint_and_refuses_overlaps_
     assert not two_on[DEFAULT_VOCAB.shape_token("star", "blue", 14, 0, 4)]  # centre 24.5, side 14: 0 px apart
     corner = embedding.allowed(torch.tensor([blank[: c.cell_positions[0]]]))[0]  # the top-left cell
     assert not corner[DEFAULT_VOCAB.shape_token("circle", "red", 20, 0, 0)] and corner[DEFAULT_VOCAB.shape_token("circle", "red", 10, 7, 7)]
+
+
+def test_the_sampler_keeps_a_word_where_the_data_engine_can_put_it():
+    """A text anchor's word stays in the band of heights the data engine uses: every word at its top-most and
+    bottom-most legal height is allowed, and one bin beyond is not."""
+    embedding, c = SemanticEmbedding(8), DEFAULT_VOCAB.config
+    for cap in range(c.cap_range[0], c.cap_range[1] + 1):
+        for word in ("I", "W", "Q", "HI", "MAZE"):
+            probe = make_text(word, 32, 32, float(cap), "black")
+            for cy in (MARGIN + probe.height / 2, 64 - MARGIN - probe.height / 2):
+                ids = encode_scene(Scene(canvas=64, background="white", objects=(), text=make_text(word, 32, cy, float(cap), "black")))
+                at = next(k for k in c.cell_positions if DEFAULT_VOCAB.factors(ids[k]).kind == TokenKind.TEXT)
+                assert embedding.allowed(torch.tensor([ids[:at]]))[0, ids[at]], (word, cap, cy)
+    blank = [DEFAULT_VOCAB.background_token("white")] + [DEFAULT_VOCAB.empty_id] * c.n_cells
+    low, high = word_centre_band(c)
+    top_row = embedding.allowed(torch.tensor([blank[: c.cell_positions[3]]]))[0]  # the first row: centres 0.5 .. 7.5
+    for dy in range(8):
+        assert top_row[DEFAULT_VOCAB.text_token("black", 10, 3, dy)] == (dy + 0.5 >= low[0])
+    bottom_row = embedding.allowed(torch.tensor([blank[: c.cell_positions[59]]]))[0]  # the last row: 56.5 .. 63.5
+    assert [bool(bottom_row[DEFAULT_VOCAB.text_token("white", 14, 3, dy)]) for dy in range(8)] == [56 + dy + 0.5 <= high[-1] for dy in range(8)]
 
 
 def test_training_log_probs_match_the_samplers_distribution(semantic_model):
@@ -404,3 +424,45 @@ def test_the_models_id_temperature_is_the_default_and_an_option_overrides_it(sem
                        pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0, id_temperature=1.0).blueprints)  # greedy throughout
     with pytest.raises(ValueError, match="id_temperature"):
         type(semantic_model.config)(id_temperature=-0.5)
+
+
+def test_best_of_keeps_each_prompts_most_likely_blueprint_and_its_states(semantic_model):
+    model = semantic_model
+    tok = model.tokenizer(PROMPTS, add_special_tokens=False)["input_ids"]
+    width = max(map(len, tok))
+    ids = torch.tensor([[model.tokenizer.pad_token_id] * (width - len(r)) + r for r in tok])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in tok])
+    sampling = SamplingConfig(top_k=0, top_p=1.0, id_temperature=0.5)
+    sample = lambda ids, mask, sampling: sample_blueprint(  # noqa: E731
+        model.ar, ids, mask, model.image_vocab, model.num_image_tokens, sampling, torch.Generator().manual_seed(3), embedding=model.image_embedding)
+    candidates = sample(ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), sampling)
+    best = sample(ids, mask, replace(sampling, best_of=4))
+    scores = candidates.log_likelihood.view(2, 4)
+    assert scores.std() > 0  # the four drafts differ, so the choice is a real one
+    for i in range(2):
+        assert torch.equal(best.codes[i], candidates.codes[4 * i + int(scores[i].argmax())])
+        assert best.log_likelihood[i] == scores[i].max()
+    forced = forced_blueprint(model.ar, model.image_vocab, ids, mask, best.codes, model.image_embedding)
+    assert torch.allclose(forced.hidden_states, best.hidden_states, atol=1e-4)  # the states of the kept blueprint
+    # The score is the codes' log-probability among the ids the sampler allowed at each position.
+    with torch.no_grad():
+        log_p = torch.stack([model.image_embedding.full_log_probs(forced.hidden_states[:, k], k) for k in range(best.codes.shape[1])], 1)
+    allowed = torch.stack([model.image_embedding.allowed(best.codes[:, :k]) for k in range(best.codes.shape[1])], 1)
+    expected = log_p.masked_fill(~allowed, -torch.inf).log_softmax(-1).gather(-1, best.codes[..., None]).sum((1, 2))
+    assert torch.allclose(best.log_likelihood, expected, atol=1e-3)
+
+
+def test_best_of_is_the_models_default_an_option_overrides_it_and_greedy_writes_one(semantic_model, monkeypatch):
+    pipe, prompts = Pipeline(semantic_model), ["a photo of two red circles above a blue star", "the word HI"]
+    one = pipe(prompts, seed=5, num_inference_steps=1).blueprints
+    best = pipe(prompts, seed=5, num_inference_steps=1, best_of=3).blueprints
+    assert not torch.equal(one, best)
+    monkeypatch.setattr(semantic_model.config, "best_of", 3)
+    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1).blueprints, best)
+    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1, best_of=1).blueprints, one)
+    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0).blueprints,
+                       pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0, best_of=1).blueprints)
+    with pytest.raises(ValueError, match="best_of"):
+        SamplingConfig(best_of=0)
+    with pytest.raises(ValueError, match="best_of"):
+        type(semantic_model.config)(best_of=0)

@@ -119,6 +119,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-temperature", type=_non_negative,
                         help="semantic blueprints: draw each token's kind (empty, a shape, a letter) at --temperature, then which one "
                              "at this temperature; 0 = the most probable (default: the model's; 0.5 for tiny)")
+    parser.add_argument("--best-of", type=_positive,
+                        help="sample this many blueprints per image and render the one the AR model finds most likely; "
+                             "ignored at temperature 0 (default: the model's)")
     parser.add_argument("--top-k", type=_positive, help="AR top-k (default: the model's)")
     parser.add_argument("--top-p", type=_probability, help="AR nucleus top-p in (0, 1] (default: the model's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")

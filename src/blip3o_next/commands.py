@@ -121,7 +121,7 @@ def _check_can_edit(args: argparse.Namespace) -> None:
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     return {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "temperature": args.temperature,
-            "id_temperature": args.id_temperature, "top_k": args.top_k, "top_p": args.top_p}
+            "id_temperature": args.id_temperature, "best_of": args.best_of, "top_k": args.top_k, "top_p": args.top_p}
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -273,7 +273,7 @@ def cmd_eval_edit(args: argparse.Namespace) -> int:
 
 def _report_suite(args: argparse.Namespace, own_settings: tuple[str, ...], summary: dict, plan: dict | None, plan_meaning: str, table) -> None:
     """Record the run's settings (and the plan score, for a semantic model) in `summary` and print its tables."""
-    names = ("model", *own_settings, "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "id_temperature", "top_k", "top_p",
+    names = ("model", *own_settings, "per_category", "suite_seed", "seed", "batch_size", "steps", "guidance", "temperature", "id_temperature", "best_of", "top_k", "top_p",
              "dtype", "compile")
     summary["settings"] = {k: getattr(args, k) for k in names}
     if plan is not None:

@@ -82,6 +82,7 @@ class GenerationOptions:
     sampling: SamplingConfig | None = None  # the AR sampling options at once, in place of temperature, top_k and top_p
     temperature: float | None = None  # AR sampling; 0 = greedy
     id_temperature: float | None = None  # semantic blueprints: a token's id within its kind (SamplingConfig)
+    best_of: int | None = None  # blueprints sampled per image, the most likely one kept (SamplingConfig)
     top_k: int | None = None
     top_p: float | None = None
     progress: bool = False  # a progress bar over the diffusion steps
@@ -200,6 +201,7 @@ class Pipeline:
             top_k=cfg.top_k if options.top_k is None else options.top_k,
             top_p=cfg.top_p if options.top_p is None else options.top_p,
             id_temperature=cfg.id_temperature if options.id_temperature is None else options.id_temperature,
+            best_of=cfg.best_of if options.best_of is None else options.best_of,
         )
         if steps < 1 or not (math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"need num_inference_steps >= 1 and a finite guidance_scale >= 0, got {steps}, {guidance}")

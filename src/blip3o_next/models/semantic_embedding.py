@@ -39,7 +39,9 @@ from torch import nn
 from transformers import Qwen3ForCausalLM
 
 from .semantic_blueprint import BlueprintConfig, SemanticVocab, TokenKind
-from ..shapeworld.world import scale
+from ..shapeworld.render import make_text
+from ..shapeworld.prompts import LETTERS
+from ..shapeworld.world import MARGIN, scale
 from .text_tokenizer import ImageVocab
 
 MIN_SPACE = 1.0  # px a sampled shape keeps from the canvas edge and from every other shape (see `allowed`)
@@ -78,6 +80,21 @@ def anchor_head_block(head: np.ndarray, offset: np.ndarray, anchor: np.ndarray, 
     if len(anchor_heads) != stop - start or not np.array_equal(layout, head) or not np.array_equal(offset[anchor], np.tile(np.arange(offsets), stop - start)):
         raise ValueError("the semantic vocabulary's id layout is not the one SemanticEmbedding.full_log_probs broadcasts over")
     return start, stop
+
+
+def word_centre_band(c: BlueprintConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per cap height (index from `cap_range[0]`): the lowest and highest decoded centre height a data-engine word of
+    that cap height can have. The data engine keeps a word's ink `MARGIN` px inside the top and bottom edges, and a
+    word's ink is at least as tall as its shortest letter's, so its centre lies within [m + h / 2, S - m - h / 2]
+    for that shortest ink height h; decoding puts a centre at its bin's middle, which is monotone, so the band's
+    ends quantise the same way. Outside it, a sampled word overhangs the edge or nearly touches it: the tiny
+    renderer drew 5 of 36 such words legibly, against 59 of 92 elsewhere (docs/semantic_blueprint.md, "Best of N")."""
+    bin_width = c.cell / c.offset_bins
+    caps = np.arange(c.cap_range[0], c.cap_range[1] + 1) * scale(c.canvas)
+    shortest = np.array([min(make_text(letter, c.canvas / 2, c.canvas / 2, cap, "black").height for letter in LETTERS) for cap in caps])
+    m = MARGIN * scale(c.canvas)
+    quantised = lambda y: (np.floor(y / bin_width) + 0.5) * bin_width  # noqa: E731
+    return quantised(m + shortest / 2), quantised(c.canvas - m - shortest / 2)
 
 
 class SemanticEmbedding(ModelMixin, ConfigMixin):
@@ -123,6 +140,13 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         self.register_buffer("geometry_of", torch.from_numpy(np.where(is_shape, geometry, n_geometries)), persistent=False)
         self.register_buffer("geometry_offset", torch.tensor(np.stack([dx + 0.5, dy + 0.5], -1) * bin_width, dtype=torch.float32), persistent=False)
         self.register_buffer("geometry_half", torch.tensor((size + c.size_range[0]) * scale(c.canvas) / 2, dtype=torch.float32), persistent=False)
+        # Text anchors, for the same constraint: the height of each id's centre within its cell, and the band of
+        # heights the data engine puts a word of its cap height in (`word_centre_band`).
+        is_text = table["kind"] == TokenKind.TEXT
+        low, high = word_centre_band(c)
+        self.register_buffer("text_dy", torch.tensor(np.where(is_text, (table["dy"] + 0.5) * bin_width, np.nan), dtype=torch.float32), persistent=False)
+        self.register_buffer("text_low", torch.tensor(np.where(is_text, low[table["cap"]], -np.inf), dtype=torch.float32), persistent=False)
+        self.register_buffer("text_high", torch.tensor(np.where(is_text, high[table["cap"]], np.inf), dtype=torch.float32), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of `ids` (blueprint ids, any shape) -> (..., hidden)."""
@@ -135,14 +159,17 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
 
         Beyond the position's mask (background, cell tokens, letters), a shape anchor must keep its box inside the
         canvas and away from every shape already written, each by `MIN_SPACE` px (the data engine keeps 2 px;
-        decoding moves a centre by at most 0.5 px, so every true blueprint keeps at least 1). The constraint reads
-        only the tokens written so far, never the prompt."""
+        decoding moves a centre by at most 0.5 px, so every true blueprint keeps at least 1), and a text anchor its
+        word's centre where the data engine could have put it (`word_centre_band`). The constraint reads only the
+        tokens written so far, never the prompt."""
         c = self.vocab.config
         step = written.shape[1]
         mask = self.position_mask[step].expand(written.shape[0], -1)
         if step not in c.cell_positions:
             return mask
         row, col = divmod(step - c.cell_positions.start, c.grid)
+        word_y = row * c.cell + self.text_dy  # NaN for every id but a text anchor, which these comparisons then pass
+        mask = mask & ~((word_y < self.text_low) | (word_y > self.text_high))
         centre = self.geometry_offset + self.geometry_offset.new_tensor([col * c.cell, row * c.cell])  # (G, 2)
         half = self.geometry_half[:, None]
         ok = ((centre - half >= MIN_SPACE) & (centre + half <= c.canvas - MIN_SPACE)).all(-1).expand(written.shape[0], -1)  # (B, G)
