@@ -42,6 +42,14 @@ from conftest import small_configs
 PROMPTS = ["a photo of a red circle left of a blue star", "a photo of the word \"HI\""]
 
 
+def left_padded(model: Blip3oNext, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' token ids, left-padded, and their attention mask, as the sampler takes them."""
+    tok = model.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    width = max(map(len, tok))
+    ids = torch.tensor([[model.tokenizer.pad_token_id] * (width - len(r)) + r for r in tok])
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in tok])
+
+
 def batch(model: Blip3oNext, n: int = 2):
     samples = list(islice(t2i_samples(0, 64), n))
     codes = torch.tensor([encode_scene(Scene.from_dict(s["scene"])) for s in samples])
@@ -74,10 +82,7 @@ def test_one_head_per_object_whatever_its_offset():
 
 def test_sampler_draws_only_allowed_ids_and_forcing_them_gives_the_same_states(semantic_model):
     model = semantic_model
-    tok = model.tokenizer(PROMPTS, add_special_tokens=False)["input_ids"]
-    width = max(map(len, tok))
-    ids = torch.tensor([[model.tokenizer.pad_token_id] * (width - len(r)) + r for r in tok])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in tok])
+    ids, mask = left_padded(model, PROMPTS)
     bp = sample_blueprint(model.ar, ids, mask, model.image_vocab, model.num_image_tokens, SamplingConfig(top_k=0, top_p=1.0),
                           torch.Generator().manual_seed(0), embedding=model.image_embedding)
     allowed = torch.from_numpy(np.array(DEFAULT_VOCAB.position_mask()))
@@ -428,10 +433,7 @@ def test_the_models_id_temperature_is_the_default_and_an_option_overrides_it(sem
 
 def test_best_of_keeps_each_prompts_most_likely_blueprint_and_its_states(semantic_model):
     model = semantic_model
-    tok = model.tokenizer(PROMPTS, add_special_tokens=False)["input_ids"]
-    width = max(map(len, tok))
-    ids = torch.tensor([[model.tokenizer.pad_token_id] * (width - len(r)) + r for r in tok])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in tok])
+    ids, mask = left_padded(model, PROMPTS)
     sampling = SamplingConfig(top_k=0, top_p=1.0, id_temperature=0.5)
     sample = lambda ids, mask, sampling: sample_blueprint(  # noqa: E731
         model.ar, ids, mask, model.image_vocab, model.num_image_tokens, sampling, torch.Generator().manual_seed(3), embedding=model.image_embedding)

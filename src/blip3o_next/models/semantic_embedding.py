@@ -140,13 +140,13 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         self.register_buffer("geometry_of", torch.from_numpy(np.where(is_shape, geometry, n_geometries)), persistent=False)
         self.register_buffer("geometry_offset", torch.tensor(np.stack([dx + 0.5, dy + 0.5], -1) * bin_width, dtype=torch.float32), persistent=False)
         self.register_buffer("geometry_half", torch.tensor((size + c.size_range[0]) * scale(c.canvas) / 2, dtype=torch.float32), persistent=False)
-        # Text anchors, for the same constraint: the height of each id's centre within its cell, and the band of
-        # heights the data engine puts a word of its cap height in (`word_centre_band`).
+        # Text anchors, for the same constraint: per grid row, whether each id may stand in it (every id but a text
+        # anchor may; a text anchor only where its word's centre lies in the band of `word_centre_band`).
         is_text = table["kind"] == TokenKind.TEXT
         low, high = word_centre_band(c)
-        self.register_buffer("text_dy", torch.tensor(np.where(is_text, (table["dy"] + 0.5) * bin_width, np.nan), dtype=torch.float32), persistent=False)
-        self.register_buffer("text_low", torch.tensor(np.where(is_text, low[table["cap"]], -np.inf), dtype=torch.float32), persistent=False)
-        self.register_buffer("text_high", torch.tensor(np.where(is_text, high[table["cap"]], np.inf), dtype=torch.float32), persistent=False)
+        word_y = np.arange(c.grid)[:, None] * c.cell + (table["dy"] + 0.5) * bin_width  # (rows, ids)
+        fits = ~is_text | ((word_y >= low[table["cap"]]) & (word_y <= high[table["cap"]]))
+        self.register_buffer("word_fits_row", torch.from_numpy(fits), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of `ids` (blueprint ids, any shape) -> (..., hidden)."""
@@ -168,8 +168,7 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         if step not in c.cell_positions:
             return mask
         row, col = divmod(step - c.cell_positions.start, c.grid)
-        word_y = row * c.cell + self.text_dy  # NaN for every id but a text anchor, which these comparisons then pass
-        mask = mask & ~((word_y < self.text_low) | (word_y > self.text_high))
+        mask = mask & self.word_fits_row[row]
         centre = self.geometry_offset + self.geometry_offset.new_tensor([col * c.cell, row * c.cell])  # (G, 2)
         half = self.geometry_half[:, None]
         ok = ((centre - half >= MIN_SPACE) & (centre + half <= c.canvas - MIN_SPACE)).all(-1).expand(written.shape[0], -1)  # (B, G)
