@@ -62,7 +62,7 @@ def t2i_ceiling(pipe: Pipeline, args: argparse.Namespace) -> tuple[str, dict]:
     outputs: list[np.ndarray] = []
     for start in range(0, len(jobs), args.batch_size):
         batch = slice(start, start + args.batch_size)
-        out = pipe([prompts[i].text for i in jobs[batch]], generator=generator, blueprints=true_codes(pipe, scenes[batch]))
+        out = pipe([prompts[i].text for i in jobs[batch]], generator=generator, blueprints=true_codes(pipe, scenes[batch]), num_inference_steps=args.steps)
         outputs += [np.asarray(im) for im in out.images]
     _, summary = evaluate_t2i(t2i_items(prompts, jobs, outputs))
     return format_t2i_table(summary), summary
@@ -75,7 +75,8 @@ def edit_ceiling(pipe: Pipeline, args: argparse.Namespace) -> tuple[str, dict]:
     items: list[EditItem] = []
     for start in range(0, len(pairs), args.batch_size):
         batch = slice(start, start + args.batch_size)
-        out = pipe.edit(list(sources[batch]), [p.instruction for p in pairs[batch]], generator=generator, blueprints=true_codes(pipe, [p.target for p in pairs[batch]]))
+        out = pipe.edit(list(sources[batch]), [p.instruction for p in pairs[batch]], generator=generator, blueprints=true_codes(pipe, [p.target for p in pairs[batch]]),
+                        num_inference_steps=args.steps)
         items += [
             EditItem(f"{start + i:04d}_{p.spec.category}", p.instruction, p.spec, src, np.asarray(im), p.source, p.target)
             for i, (p, src, im) in enumerate(zip(pairs[batch], sources[batch], out.images))
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--suite-seed", type=int, default=0, help="which fixed suite")
     parser.add_argument("--seed", type=int, default=0, help="scene and noise seed")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, help="diffusion steps (default: the model's)")
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args()
     args.per_category = args.per_category or (30 if args.edits else 50)

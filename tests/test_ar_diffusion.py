@@ -57,7 +57,7 @@ def test_decoding_steps_share_one_shape(ar):
 
     a = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 12, SamplingConfig(top_k=20), torch.Generator().manual_seed(3), recording_decoder)
     b = sample_blueprint(ar, PROMPTS, MASK, VOCAB, 12, SamplingConfig(top_k=20), torch.Generator().manual_seed(3))
-    assert len(shapes) == 12 and len(set(shapes)) == 1 and shapes[0][1] == (2, cache_length(PROMPTS.shape[1] + 2 + 12))
+    assert len(shapes) == 12 and len(set(shapes)) == 1 and shapes[0][1] == (2, 1, 1, cache_length(PROMPTS.shape[1] + 2 + 12))  # a 4-D mask
     assert torch.equal(a.codes, b.codes) and torch.equal(a.hidden_states, b.hidden_states)
     assert (cache_length(1), cache_length(64), cache_length(65)) == (64, 64, 128)
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from blip3o_next.models.autoregressive import (
-    SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, kind_first_argmax, kind_first_sample, sample_blueprint, sample_categorical,
+    SamplingConfig, ar_hidden_states, build_sequences, forced_blueprint, kind_first_argmax, kind_first_sample, kind_mass, sample_blueprint,
+    sample_categorical, sample_hierarchy,
 )
 from blip3o_next.cli import main
 from blip3o_next.models.connector import Connector
@@ -416,6 +417,48 @@ def test_kind_first_sampling_keeps_the_odds_of_each_kind_and_cools_only_the_id_w
     assert set(greedy_id.tolist()) == {0, 1}  # the kind still drawn, then the most probable offset
     with pytest.raises(ValueError, match="id_temperature"):
         SamplingConfig(id_temperature=-1.0)
+
+
+def flat_distribution(log_probs: torch.Tensor, kinds: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """(B, ids) the probabilities with which the flat draw (`kind_first_sample`, or one draw at the temperature)
+    picks each id from `log_probs` (B, ids), -inf where not allowed."""
+    if sampling.id_temperature is None:
+        return (log_probs / sampling.temperature).softmax(-1)
+    kind = (kind_mass(log_probs, kinds).log() / sampling.temperature).softmax(-1)
+    within = torch.stack([(log_probs.masked_fill(kinds != k, -torch.inf) / sampling.id_temperature).softmax(-1).nan_to_num()
+                          for k in range(len(TokenKind))], 1)  # (B, kinds, ids)
+    return (kind[..., None] * within).sum(1)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(top_k=0, top_p=1.0, temperature=0.7), SamplingConfig(top_k=0, top_p=1.0, id_temperature=0.5),
+                                      SamplingConfig(top_k=0, top_p=1.0, temperature=1.5, id_temperature=2.0)])
+@torch.no_grad()
+def test_the_level_by_level_draw_is_the_flat_draw_over_every_id(sampling):
+    """`sample_hierarchy` draws kind, head and offset in turn; its ids come out as often as the flat draw over all
+    49,311 allowed ids would draw them (per kind, head and offset, within sampling noise), with the same
+    log-likelihoods, and greedily it picks the same ids."""
+    torch.manual_seed(0)
+    embedding, c, n = SemanticEmbedding(16, init_std=0.5), DEFAULT_VOCAB.config, 40000
+    blank = [DEFAULT_VOCAB.background_token("white")] + [DEFAULT_VOCAB.empty_id] * c.n_cells
+    first = list(blank)
+    first[c.cell_positions[9]] = DEFAULT_VOCAB.shape_token("circle", "red", 12, 4, 4)  # the next cell's shapes must keep away
+    for written in (torch.tensor([first[: c.cell_positions[10]]]), torch.tensor([blank[: c.cell_positions[2]]]), torch.tensor([blank[:0]])):
+        hidden = torch.randn(1, 16).expand(n, -1)
+        written = written.expand(n, -1)
+        flat = embedding.full_log_probs(hidden[:1], written.shape[1]).masked_fill(~embedding.allowed(written[:1]), -torch.inf)
+        want = flat_distribution(flat, embedding.kind_of, sampling)[0]
+        ids, log_likelihood = sample_hierarchy(embedding.constrained_log_probs(hidden, written), embedding, sampling, torch.Generator().manual_seed(1))
+        assert (want[ids] > 0).all()  # never an id the flat draw refuses
+        assert torch.allclose(log_likelihood, flat.log_softmax(-1)[0, ids], atol=1e-4)
+        flat_ids = torch.multinomial(want, n, replacement=True, generator=torch.Generator().manual_seed(2))  # the flat draw itself
+        for level in (embedding.kind_of, embedding.head_of, embedding.id_slot):  # kind, head, offset (and its class)
+            expected = torch.zeros(int(level.max()) + 1).index_add_(0, level, want)
+            distance = lambda draws: (torch.bincount(level[draws], minlength=len(expected)) / n - expected).abs().sum() / 2  # noqa: E731
+            assert distance(ids) < 1.3 * distance(flat_ids) + 0.005, level  # total variation, against the flat draw's own noise
+    hidden, written = torch.randn(300, 16), torch.tensor([first[: c.cell_positions[10]]]).expand(300, -1)
+    flat = embedding.full_log_probs(hidden, written.shape[1]).masked_fill(~embedding.allowed(written), -torch.inf)
+    greedy, _ = sample_hierarchy(embedding.constrained_log_probs(hidden, written), embedding, replace(sampling, temperature=0.0), None)
+    assert torch.equal(greedy, kind_first_argmax(flat, embedding.kind_of))
 
 
 def test_the_models_id_temperature_is_the_default_and_an_option_overrides_it(semantic_model, monkeypatch):

@@ -70,7 +70,7 @@ class Blip3oNextConfig:
     edit_change_weight: float = 1.0
     condition_dropout: float = 0.1  # share of samples whose AR condition is zeroed (for CFG)
     timestep_sampling: str = "uniform"  # flow matching's training noise levels: "uniform" or "logit_normal" (diffusion.py)
-    num_inference_steps: int = 30  # official defaults at inference
+    num_inference_steps: int = 30  # official defaults at inference; 6 in `tiny` (docs/semantic_blueprint.md, "Speed")
     guidance_scale: float = 2.0
     top_k: int = 1200
     top_p: float = 0.95
@@ -80,8 +80,8 @@ class Blip3oNextConfig:
     # never sees, its plans spell 0.71 of words right against 0.60 with one draw (docs/semantic_blueprint.md, "Sampling").
     id_temperature: float | None = None
     # Blueprints sampled per image, of which the AR model's most likely is rendered (`SamplingConfig.best_of`; greedy
-    # edits write one). 8 in `tiny`: GenEval-ShapeWorld 0.933 -> 0.950, position 0.720 -> 0.787, for 1.6x the time
-    # of a batch (docs/semantic_blueprint.md, "Best of N").
+    # edits write one). 8 in `tiny`: GenEval-ShapeWorld 0.933 -> 0.950, position 0.720 -> 0.787, for 1.4x the AR
+    # model's time (docs/semantic_blueprint.md, "Best of N").
     best_of: int = 1
     # What the diffusion model cross-attends to: "blueprint" (the AR hidden states over <S0> and the image
     # tokens, as in BLIP3o-NEXT) or "prompt" (the hidden states over the prompt only: the no-blueprint ablation).

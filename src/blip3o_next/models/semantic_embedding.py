@@ -31,6 +31,8 @@ table holds the text rows (text, `<im_start>`, `<im_end>`, the scale tokens); th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -123,6 +125,11 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         head_kind = torch.zeros(self.head.num_embeddings, dtype=torch.long)
         head_kind[self.head_of] = self.kind_of
         self.register_buffer("head_kind", head_kind, persistent=False)
+        # Heads come in order of their kind (the ids do), so each kind's heads are one slice.
+        bounds = np.searchsorted(head_kind.numpy(), np.arange(len(TokenKind) + 1))
+        if not np.all(np.diff(head_kind.numpy()) >= 0):
+            raise ValueError("the semantic vocabulary's heads are not in order of their kind")
+        self.kind_heads = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self.anchor_heads = anchor_head_block(head, dx * c.offset_bins + dy, anchor, c.offset_bins**2)
         mask = torch.from_numpy(np.array(vocab.position_mask()))
         self.register_buffer("position_mask", mask, persistent=False)  # (positions, ids): which ids may stand where
@@ -140,38 +147,55 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         self.register_buffer("geometry_of", torch.from_numpy(np.where(is_shape, geometry, n_geometries)), persistent=False)
         self.register_buffer("geometry_offset", torch.tensor(np.stack([dx + 0.5, dy + 0.5], -1) * bin_width, dtype=torch.float32), persistent=False)
         self.register_buffer("geometry_half", torch.tensor((size + c.size_range[0]) * scale(c.canvas) / 2, dtype=torch.float32), persistent=False)
-        # Text anchors, for the same constraint: per grid row, whether each id may stand in it (every id but a text
-        # anchor may; a text anchor only where its word's centre lies in the band of `word_centre_band`).
-        is_text = table["kind"] == TokenKind.TEXT
+        origins = torch.tensor(np.stack([np.arange(c.n_cells) % c.grid, np.arange(c.n_cells) // c.grid], -1) * c.cell, dtype=torch.float32)
+        centres = origins[:, None] + self.geometry_offset  # (cells, G, 2)
+        half = self.geometry_half[:, None]
+        self.register_buffer("geometry_centre", centres, persistent=False)
+        self.register_buffer("fits_canvas", ((centres - half >= MIN_SPACE) & (centres + half <= c.canvas - MIN_SPACE)).all(-1), persistent=False)  # (cells, G)
+        # Text anchors, for the same constraint: per grid row, cap height and offset, whether a word's centre lies in
+        # the band of `word_centre_band`.
         low, high = word_centre_band(c)
-        word_y = np.arange(c.grid)[:, None] * c.cell + (table["dy"] + 0.5) * bin_width  # (rows, ids)
-        fits = ~is_text | ((word_y >= low[table["cap"]]) & (word_y <= high[table["cap"]]))
-        self.register_buffer("word_fits_row", torch.from_numpy(fits), persistent=False)
+        word_y = np.arange(c.grid)[:, None, None] * c.cell + (np.arange(c.offset_bins**2) % c.offset_bins + 0.5) * bin_width  # (rows, 1, offsets)
+        self.register_buffer("word_fits", torch.from_numpy((word_y >= low[:, None]) & (word_y <= high[:, None])), persistent=False)
+        # The constraint is a mask over an offset class's offsets (`offset_allowed`): a shape head's class is its size,
+        # a text head's its cap height, and every other head has one class of a single offset (slot 0).
+        self.register_buffer("head_first_id", torch.from_numpy(np.searchsorted(head, np.arange(head.max() + 1))), persistent=False)
+        self.n_offset_classes = c.n_sizes + c.n_caps + 1
+        head_class = np.where(self.head_kind.numpy() == TokenKind.SHAPE, head_factors["size"],
+                              np.where(self.head_kind.numpy() == TokenKind.TEXT, c.n_sizes + head_factors["cap"], self.n_offset_classes - 1))
+        self.register_buffer("head_class", torch.from_numpy(head_class), persistent=False)
+        slot = self.dx_of * c.offset_bins + self.dy_of  # 0 for the ids that are not anchors
+        self.register_buffer("id_slot", self.head_class[self.head_of] * c.offset_bins**2 + slot, persistent=False)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of `ids` (blueprint ids, any shape) -> (..., hidden)."""
-        rows = self.kind(self.kind_of[ids]) + self.head_rows()[self.head_of[ids]]
+    def forward(self, ids: torch.Tensor, head_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of `ids` (blueprint ids, any shape) -> (..., hidden). `head_rows`: `head_rows()` computed once, for
+        callers that read the rows at every step of a blueprint with the weights fixed (the sampler)."""
+        head_rows = self.head_rows() if head_rows is None else head_rows
+        rows = self.kind(self.kind_of[ids]) + head_rows[self.head_of[ids]]
         offset = self.dx(self.dx_of[ids]) + self.dy(self.dy_of[ids])
         return rows + offset * self.anchor[ids, None].to(rows.dtype)
 
     def allowed(self, written: torch.Tensor) -> torch.Tensor:
-        """(B, ids) bool: the ids that may come next after the blueprint tokens `written` (B, s), s < N.
+        """(B, ids) bool: the ids that may come next after the blueprint tokens `written` (B, s), s < N: those of the
+        position's kinds (background, cell tokens, letters) at an offset `offset_allowed` leaves."""
+        return self.position_mask[written.shape[1]] & self.offset_allowed(written).flatten(1)[:, self.id_slot]
 
-        Beyond the position's mask (background, cell tokens, letters), a shape anchor must keep its box inside the
-        canvas and away from every shape already written, each by `MIN_SPACE` px (the data engine keeps 2 px;
-        decoding moves a centre by at most 0.5 px, so every true blueprint keeps at least 1), and a text anchor its
-        word's centre where the data engine could have put it (`word_centre_band`). The constraint reads only the
-        tokens written so far, never the prompt."""
+    def offset_allowed(self, written: torch.Tensor) -> torch.Tensor:
+        """(B, offset classes, offsets) bool: the sampler's constraint after the blueprint tokens `written` (B, s),
+        per offset class (`head_class`: a shape's size, a word's cap height, one class of one offset for the rest).
+
+        A shape anchor must keep its box inside the canvas and away from every shape already written, each by
+        `MIN_SPACE` px (the data engine keeps 2 px; decoding moves a centre by at most 0.5 px, so every true
+        blueprint keeps at least 1), and a text anchor its word's centre where the data engine could have put it
+        (`word_centre_band`). The constraint reads only the tokens written so far, never the prompt."""
         c = self.vocab.config
-        step = written.shape[1]
-        mask = self.position_mask[step].expand(written.shape[0], -1)
+        step, batch, offsets = written.shape[1], written.shape[0], c.offset_bins**2
+        single = torch.zeros(batch, 1, offsets, dtype=torch.bool, device=written.device)
+        single[..., 0] = True
         if step not in c.cell_positions:
-            return mask
-        row, col = divmod(step - c.cell_positions.start, c.grid)
-        mask = mask & self.word_fits_row[row]
-        centre = self.geometry_offset + self.geometry_offset.new_tensor([col * c.cell, row * c.cell])  # (G, 2)
-        half = self.geometry_half[:, None]
-        ok = ((centre - half >= MIN_SPACE) & (centre + half <= c.canvas - MIN_SPACE)).all(-1).expand(written.shape[0], -1)  # (B, G)
+            return torch.cat([single.new_ones(batch, c.n_sizes + c.n_caps, offsets), single], 1)
+        cell = step - c.cell_positions.start
+        centre, ok = self.geometry_centre[cell], self.fits_canvas[cell].expand(batch, -1)  # (G, 2), (B, G)
         earlier = written[:, c.cell_positions.start :]  # the cells written so far, in raster order
         earlier_is_shape = self.geometry_of[earlier] < len(self.geometry_half)
         k = int(earlier_is_shape.sum(1).max()) if earlier.shape[1] else 0
@@ -179,27 +203,40 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
             cells = earlier_is_shape.float().argsort(dim=1, descending=True, stable=True)[:, :k]  # each row's shapes first
             geometry, valid = self.geometry_of[earlier.gather(1, cells)], earlier_is_shape.gather(1, cells)
             geometry = geometry.clamp(max=len(self.geometry_half) - 1)  # padding rows are masked by `valid`
-            origins = torch.stack([cells % c.grid, cells // c.grid], -1).to(centre.dtype) * c.cell
-            earlier_centre = origins + self.geometry_offset[geometry]  # (B, k, 2)
+            earlier_centre = self.geometry_centre[cells, geometry]  # (B, k, 2)
             reach = self.geometry_half + torch.where(valid, self.geometry_half[geometry], -torch.inf)[..., None] + MIN_SPACE  # (B, k, G)
             near = ((centre[:, 0] - earlier_centre[..., :1]).abs() < reach) & ((centre[:, 1] - earlier_centre[..., 1:]).abs() < reach)
             ok = ok & ~near.any(1)
-        ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], 1)  # the last class: not a shape, never constrained
-        return mask & ok[:, self.geometry_of]
+        words = self.word_fits[cell // c.grid].expand(batch, -1, -1)
+        return torch.cat([ok.view(batch, c.n_sizes, offsets), words, single], 1)
+
+    def constrained_log_probs(self, hidden: torch.Tensor, written: torch.Tensor, head_rows: torch.Tensor | None = None) -> "HierarchyLogProbs":
+        """The hierarchy's log-probs (`factor_log_probs`) for the token after `written` (B, s), with an offset's
+        log-prob -inf where `offset_allowed` refuses it: what the sampler draws from, level by level."""
+        kind, head, dx, dy = self.factor_log_probs(hidden, written.shape[1], head_rows)
+        offset = torch.where(self.offset_allowed(written), (dx[:, :, None] + dy[:, None, :]).flatten(1)[:, None], -torch.inf)
+        offset[:, -1, 0] = 0.0  # the heads without an offset: their one slot, probability 1
+        return HierarchyLogProbs(kind, head, offset)
+
+    def kind_logsumexp(self, per_head: torch.Tensor) -> torch.Tensor:
+        """(..., kinds): logsumexp of `per_head` (..., heads) over each kind's heads."""
+        return torch.stack([per_head[..., heads].logsumexp(-1) for heads in self.kind_heads], -1)
 
     def head_rows(self) -> torch.Tensor:
         """(801, hidden): each head's row, its own plus its factors' (a shape anchor's (shape, color) and size, a text
         anchor's ink and cap height), so that every object of a color and shape teaches all its sizes' rows."""
         return self.head.weight + sum(table.weight[getattr(self, f"head_{name}")] for name, table in self.head_factors.items())
 
-    def factor_log_probs(self, hidden: torch.Tensor, positions: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+    def factor_log_probs(
+        self, hidden: torch.Tensor, positions: torch.Tensor | int, head_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """log p(kind) over the kinds a blueprint position allows, log p(head | its kind), log p(dx), log p(dy):
-        (..., 6), (..., 801), (..., 8), (..., 8) for `hidden` (..., H) predicting the token at `positions`."""
+        (..., 6), (..., 801), (..., 8), (..., 8) for `hidden` (..., H) predicting the token at `positions`
+        (`head_rows` as in `forward`)."""
         hidden = hidden.float()
         kind = (hidden @ self.kind.weight.float().T).masked_fill(~self.kind_allowed[positions], -torch.inf).log_softmax(-1)
-        head = hidden @ self.head_rows().float().T
-        within = torch.stack([head.masked_fill(self.head_kind != k, -torch.inf).logsumexp(-1) for k in range(len(TokenKind))], -1)
-        head = head - within[..., self.head_kind]
+        head = hidden @ (self.head_rows() if head_rows is None else head_rows).float().T
+        head = head - self.kind_logsumexp(head)[..., self.head_kind]
         return kind, head, (hidden @ self.dx.weight.float().T).log_softmax(-1), (hidden @ self.dy.weight.float().T).log_softmax(-1)
 
     def log_probs(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -219,6 +256,15 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         start, stop = self.anchor_heads
         anchors = heads[..., start:stop, None] + (dx[..., :, None] + dy[..., None, :]).flatten(-2)[..., None, :]
         return torch.cat([heads[..., :start], anchors.flatten(-2), heads[..., stop:]], -1)
+
+
+class HierarchyLogProbs(NamedTuple):
+    """One blueprint position's distribution as its hierarchy (module docstring), constrained: log p(id) =
+    kind[kind(id)] + head[head(id)] + offset[head_class(head(id)), slot(id)], -inf where an id is not allowed."""
+
+    kind: torch.Tensor  # (B, kinds) log p(kind), -inf for the kinds the position does not take
+    head: torch.Tensor  # (B, heads) log p(head | its kind)
+    offset: torch.Tensor  # (B, offset classes, offsets) log p(dx) + log p(dy), -inf where refused (one class: 0 at slot 0)
 
 
 def input_embeddings(ar: Qwen3ForCausalLM, embedding: SemanticEmbedding, input_ids: torch.Tensor, image_vocab: ImageVocab) -> torch.Tensor:
