@@ -16,15 +16,16 @@ from blip3o_next.shapeworld.edits import edit_suite
 WEIGHT_LIMIT_MB = 60
 # Measured on the committed `tiny` weights (semantic blueprint: SFT, 150 GRPO steps on plan rewards, edit SFT, 100
 # GRPO steps, 1,500 steps of the AR-only edit planner on exact references, nearly all edits, 100 more GRPO steps,
-# 2 x 1,200 steps of the renderer with the glyph condition) at their defaults (the best of 8 blueprints drawn level
-# by level, ids within their kind at temperature 0.5; 6 diffusion steps) with the suite below (per_category=4,
-# suite_seed=7, seed=0, batch 16): overall 0.958 (strict pass, six GenEval categories), mean partial credit 0.929
-# over all eight, text partial 0.813 (0.500 without the glyph condition: the floor catches it), dense partial 0.680,
-# plan score of the generated blueprints 0.958. One image moves `overall` by 0.04; floors sit two images below.
-FLOORS = {"overall": 0.87, "partial": 0.87, "text_partial": 0.65, "dense_partial": 0.45, "plan": 0.87}
+# 2 x 1,200 steps of the renderer with the glyph condition, 80 GRPO steps on both tasks' plans) at their defaults
+# (the best of 8 blueprints drawn level by level, ids within their kind at temperature 0.5; 6 diffusion steps) with
+# the suite below (per_category=4, suite_seed=7, seed=0, batch 16): overall 1.000 (strict pass, six GenEval
+# categories), mean partial credit 0.912 over all eight, text partial 0.813 (0.500 without the glyph condition: the
+# floor catches it), dense partial 0.485, plan score of the generated blueprints 1.000. One image moves `overall`
+# by 0.04; floors sit two images below.
+FLOORS = {"overall": 0.92, "partial": 0.85, "text_partial": 0.65, "dense_partial": 0.40, "plan": 0.92}
 # Measured on the same weights at their defaults (edits keep what their blueprint keeps and paste the reference's
 # pixels back there) with edit_suite(3, seed=7), seed 0, batch 16: success 0.778 (21 of 27), keep 3/3, mean
-# consistency PSNR 68.1 dB (identical pixels count as 100 dB), 21 of 21 successes at >= 30 dB. Floors: two edits
+# consistency PSNR 71.8 dB (identical pixels count as 100 dB), 21 of 21 successes at >= 30 dB. Floors: two edits
 # fewer, one keep fewer, 7.4 dB lower, two consistent successes fewer.
 EDITS_PER_CATEGORY = 3
 EDIT_FLOORS = {"success": 0.70, "keep": 0.66, "psnr": 60.0, "consistent": 0.90}
