@@ -24,7 +24,8 @@ objects, and the tiny AR model never learned which object to write (p(right head
 0.002 against 1/720, after 790 steps; docs/semantic_blueprint.md). Here empty cells train only the kind.
 
 `log_probs` gives the exact log-likelihood of given ids (training, RL) from 6 + 801 + 8 + 8 logits; `full_log_probs`
-gives every id's for the sampler, which applies its options and constraint (`allowed`) to them. The AR model's own
+gives every id's (for top-k and top-p, which rank all ids); the sampler otherwise draws level by level from
+`constrained_log_probs`, the same hierarchy with its constraint (`offset_allowed`) applied. The AR model's own
 table holds the text rows (text, `<im_start>`, `<im_end>`, the scale tokens); this part, saved in its own folder
 (`image_embedding/`), holds the image side.
 """
@@ -249,8 +250,8 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
 
     def full_log_probs(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """(B, ids) log p of every id at blueprint `position` (-inf where the position allows none of its kind).
-        Built by broadcasting over the id layout (`anchor_head_block`), not by gathering per id: the sampler
-        calls it at every step for 49,311 ids."""
+        Built by broadcasting over the id layout (`anchor_head_block`), not by gathering per id: the sampler's
+        flat draws (top-k, top-p) call it at every step for 49,311 ids."""
         kind, head, dx, dy = self.factor_log_probs(hidden, position)
         heads = kind[..., self.head_kind] + head
         start, stop = self.anchor_heads
