@@ -461,17 +461,26 @@ def test_the_level_by_level_draw_is_the_flat_draw_over_every_id(sampling):
     assert torch.equal(greedy, kind_first_argmax(flat, embedding.kind_of))
 
 
-def test_the_models_id_temperature_is_the_default_and_an_option_overrides_it(semantic_model, monkeypatch):
+@pytest.mark.parametrize("field, value, neutral, bad", [("id_temperature", 0.0, 1.0, -0.5), ("best_of", 3, 1, 0)])
+def test_a_sampling_setting_is_the_models_default_an_option_overrides_it_and_greedy_ignores_it(semantic_model, monkeypatch, field, value,
+                                                                                              neutral, bad):
+    """`id_temperature` (0: the most probable id of the drawn kind) and `best_of` (the most likely of 3): the model's
+    config sets the default, an option overrides it, and greedy decoding writes the same blueprint whatever they are.
+    `best_of`'s neutral value, 1, is also the test model's own, so overriding back writes its default blueprints."""
     pipe, prompts = Pipeline(semantic_model), ["a photo of two red circles above a blue star", "the word HI"]
-    one_draw = pipe(prompts, seed=5, num_inference_steps=1).blueprints
-    most_probable_ids = pipe(prompts, seed=5, num_inference_steps=1, id_temperature=0.0).blueprints
-    assert not torch.equal(one_draw, most_probable_ids)
-    monkeypatch.setattr(semantic_model.config, "id_temperature", 0.0)
-    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1).blueprints, most_probable_ids)
-    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0).blueprints,
-                       pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0, id_temperature=1.0).blueprints)  # greedy throughout
-    with pytest.raises(ValueError, match="id_temperature"):
-        type(semantic_model.config)(id_temperature=-0.5)
+    blueprints = lambda **options: pipe(prompts, seed=5, num_inference_steps=1, **options).blueprints  # noqa: E731
+    default = blueprints()
+    changed = blueprints(**{field: value})
+    assert not torch.equal(default, changed)
+    monkeypatch.setattr(semantic_model.config, field, value)
+    assert torch.equal(blueprints(), changed)
+    if field == "best_of":
+        assert torch.equal(blueprints(best_of=neutral), default)
+    assert torch.equal(blueprints(temperature=0.0), blueprints(temperature=0.0, **{field: neutral}))  # greedy throughout
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**{field: bad})
+    with pytest.raises(ValueError, match=field):
+        type(semantic_model.config)(**{field: bad})
 
 
 def test_best_of_keeps_each_prompts_most_likely_blueprint_and_its_states(semantic_model):
@@ -495,19 +504,3 @@ def test_best_of_keeps_each_prompts_most_likely_blueprint_and_its_states(semanti
     allowed = torch.stack([model.image_embedding.allowed(best.codes[:, :k]) for k in range(best.codes.shape[1])], 1)
     expected = log_p.masked_fill(~allowed, -torch.inf).log_softmax(-1).gather(-1, best.codes[..., None]).sum((1, 2))
     assert torch.allclose(best.log_likelihood, expected, atol=1e-3)
-
-
-def test_best_of_is_the_models_default_an_option_overrides_it_and_greedy_writes_one(semantic_model, monkeypatch):
-    pipe, prompts = Pipeline(semantic_model), ["a photo of two red circles above a blue star", "the word HI"]
-    one = pipe(prompts, seed=5, num_inference_steps=1).blueprints
-    best = pipe(prompts, seed=5, num_inference_steps=1, best_of=3).blueprints
-    assert not torch.equal(one, best)
-    monkeypatch.setattr(semantic_model.config, "best_of", 3)
-    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1).blueprints, best)
-    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1, best_of=1).blueprints, one)
-    assert torch.equal(pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0).blueprints,
-                       pipe(prompts, seed=5, num_inference_steps=1, temperature=0.0, best_of=1).blueprints)
-    with pytest.raises(ValueError, match="best_of"):
-        SamplingConfig(best_of=0)
-    with pytest.raises(ValueError, match="best_of"):
-        type(semantic_model.config)(best_of=0)

@@ -127,9 +127,9 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         head_kind[self.head_of] = self.kind_of
         self.register_buffer("head_kind", head_kind, persistent=False)
         # Heads come in order of their kind (the ids do), so each kind's heads are one slice.
-        bounds = np.searchsorted(head_kind.numpy(), np.arange(len(TokenKind) + 1))
         if not np.all(np.diff(head_kind.numpy()) >= 0):
             raise ValueError("the semantic vocabulary's heads are not in order of their kind")
+        bounds = np.searchsorted(head_kind.numpy(), np.arange(len(TokenKind) + 1))
         self.kind_heads = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self.anchor_heads = anchor_head_block(head, dx * c.offset_bins + dy, anchor, c.offset_bins**2)
         mask = torch.from_numpy(np.array(vocab.position_mask()))
@@ -152,15 +152,17 @@ class SemanticEmbedding(ModelMixin, ConfigMixin):
         centres = origins[:, None] + self.geometry_offset  # (cells, G, 2)
         half = self.geometry_half[:, None]
         self.register_buffer("geometry_centre", centres, persistent=False)
-        self.register_buffer("fits_canvas", ((centres - half >= MIN_SPACE) & (centres + half <= c.canvas - MIN_SPACE)).all(-1), persistent=False)  # (cells, G)
+        fits_canvas = ((centres - half >= MIN_SPACE) & (centres + half <= c.canvas - MIN_SPACE)).all(-1)
+        self.register_buffer("fits_canvas", fits_canvas, persistent=False)  # (cells, G)
         # Text anchors, for the same constraint: per grid row, cap height and offset, whether a word's centre lies in
         # the band of `word_centre_band`.
         low, high = word_centre_band(c)
-        word_y = np.arange(c.grid)[:, None, None] * c.cell + (np.arange(c.offset_bins**2) % c.offset_bins + 0.5) * bin_width  # (rows, 1, offsets)
+        dy_of_slot = np.arange(c.offset_bins**2) % c.offset_bins
+        word_y = np.arange(c.grid)[:, None, None] * c.cell + (dy_of_slot + 0.5) * bin_width  # (rows, 1, offsets)
         self.register_buffer("word_fits", torch.from_numpy((word_y >= low[:, None]) & (word_y <= high[:, None])), persistent=False)
         # The constraint is a mask over an offset class's offsets (`offset_allowed`): a shape head's class is its size,
         # a text head's its cap height, and every other head has one class of a single offset (slot 0).
-        self.register_buffer("head_first_id", torch.from_numpy(np.searchsorted(head, np.arange(head.max() + 1))), persistent=False)
+        self.register_buffer("head_first_id", torch.from_numpy(np.searchsorted(head, np.arange(head.max() + 1))), persistent=False)  # ids in head order
         self.n_offset_classes = c.n_sizes + c.n_caps + 1
         head_class = np.where(self.head_kind.numpy() == TokenKind.SHAPE, head_factors["size"],
                               np.where(self.head_kind.numpy() == TokenKind.TEXT, c.n_sizes + head_factors["cap"], self.n_offset_classes - 1))
